@@ -1,0 +1,178 @@
+"""Two-level LoRA on PEFT: ``W0 u + s B A u + s~ D_k C_k u`` (PF2LoRA, arXiv 2503.03920, Sec. 4).
+
+Built on PEFT rather than a layer of our own: the common adapter is PEFT adapter ``common`` and
+the personal one is adapter ``personal``, both active at once (PEFT's LoRA forward sums every
+active adapter, each with its own scaling alpha/r). The bilevel step needs the loss at several
+values of (x, y) — y_t, y_{t+1}, y_t + eps v, and in ``exact`` mode y_{t+1} as a differentiable
+function of x — so the model is never trained through its own ``nn.Parameter`` s: every parameter
+of the adapters and the head is frozen inside the module, and the tensors to use are passed in
+by name with :func:`torch.func.functional_call`. One frozen copy of the base model then serves
+every client; a client's state is just its tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pf2lora.config import ConfigError
+
+Params = dict[str, Tensor]
+Batch = Mapping[str, Tensor]
+
+COMMON, PERSONAL = "common", "personal"
+_HEAD_CANDIDATES = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Which named tensors form the common part x and the personal part y of a client's model."""
+
+    modules: tuple[str, ...]  # module paths of the adapted linear layers
+    rank: int
+    personal_rank: int  # 0: single-level (HOMLoRA)
+    scaling: float  # s = lora_alpha / r
+    personal_scaling: float  # s~ = personal_lora_alpha / r~
+    head_names: tuple[str, ...]
+    head: str  # "shared" (head in x) or "personal" (head in y)
+
+    def lora_names(self, level: str) -> list[str]:
+        return [f"{m}.lora_{ab}.{level}.weight" for m in self.modules for ab in ("A", "B")]
+
+    @property
+    def x_names(self) -> list[str]:
+        heads = list(self.head_names) if self.head == "shared" or not self.personal_rank else []
+        return self.lora_names(COMMON) + heads
+
+    @property
+    def y_names(self) -> list[str]:
+        if not self.personal_rank:
+            return []
+        heads = list(self.head_names) if self.head == "personal" else []
+        return self.lora_names(PERSONAL) + heads
+
+
+def find_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    """Paths of the ``nn.Linear`` modules whose last name component is one of ``targets``."""
+    found = {t: [] for t in targets}  # type: dict[str, list[str]]
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in found and isinstance(module, nn.Linear):
+            found[leaf].append(name)
+    missing = [t for t, names in found.items() if not names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"unknown target module(s) {', '.join(missing)} for this model (linear layers: {', '.join(linear)})"
+        )
+    return [n for t in targets for n in found[t]]
+
+
+def find_head(model: nn.Module) -> list[str]:
+    """Names of the task head's parameters (PEFT's convention: ``classifier`` or ``score``)."""
+    for candidate in _HEAD_CANDIDATES:
+        names = [n for n, _ in model.named_parameters() if n.split(".")[0] == candidate]
+        if names:
+            return names
+    raise ConfigError("the model has no classification head named 'classifier' or 'score'")
+
+
+class TwoLevelModel:
+    """A frozen PEFT model evaluated functionally at the (x, y) a client passes in.
+
+    ``loss(params, batch)`` and ``logits(params, batch)`` take a dict holding every name in
+    ``layout.x_names + layout.y_names``; nothing is read from or written to the module's own
+    adapter parameters.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        target_modules: list[str],
+        rank: int,
+        lora_alpha: float,
+        personal_rank: int = 0,
+        personal_lora_alpha: float = 1.0,
+        head: str = "shared",
+    ) -> None:
+        modules = find_target_modules(base, target_modules)  # clear error before PEFT's own
+        head_names = find_head(base)
+        config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=target_modules, lora_dropout=0.0)
+        self.model = get_peft_model(base, config, adapter_name=COMMON)
+        if personal_rank:
+            personal = LoraConfig(
+                r=personal_rank, lora_alpha=personal_lora_alpha, target_modules=target_modules, lora_dropout=0.0
+            )
+            self.model.add_adapter(PERSONAL, personal)
+            self.model.base_model.set_adapter([COMMON, PERSONAL])
+        prefix = "base_model.model."
+        self.layout = AdapterLayout(
+            modules=tuple(prefix + m for m in modules),
+            rank=rank,
+            personal_rank=personal_rank,
+            scaling=lora_alpha / rank,
+            personal_scaling=personal_lora_alpha / personal_rank if personal_rank else 0.0,
+            head_names=tuple(prefix + n for n in head_names),
+            head=head,
+        )
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        keep = set(self.layout.lora_names(COMMON)) | set(self.layout.head_names)
+        if personal_rank:
+            keep |= set(self.layout.lora_names(PERSONAL))
+        self._initial = {n: t.detach().clone() for n, t in self.model.named_parameters() if n in keep}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def initial_common(self) -> Params:
+        """x at initialisation: A Kaiming-uniform, B zero (PEFT's default), the head as loaded."""
+        return {n: self._initial[n].clone() for n in self.layout.x_names}
+
+    def initial_personal(self, generator: torch.Generator) -> Params:
+        """y_k at initialisation: C Kaiming-uniform from ``generator``, D zero, the head as loaded."""
+        params: Params = {}
+        for name in self.layout.y_names:
+            ref = self._initial[name]
+            if ".lora_A." in name:
+                params[name] = kaiming_uniform(ref.shape, generator, ref.dtype).to(ref.device)
+            elif ".lora_B." in name:
+                params[name] = torch.zeros_like(ref)
+            else:
+                params[name] = ref.clone()
+        return params
+
+    @staticmethod
+    def twice_differentiable() -> contextlib.AbstractContextManager:
+        """Attention through the math kernel: fused/flash SDPA kernels have no double backward."""
+        return sdpa_kernel([SDPBackend.MATH])
+
+    def logits(self, params: Params, batch: Batch) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return functional_call(self.model, params, args=(), kwargs=inputs, strict=False).logits
+
+    def loss(self, params: Params, batch: Batch) -> Tensor:
+        logits = self.logits(params, batch)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the loss in full precision
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+
+def kaiming_uniform(shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """``nn.init.kaiming_uniform_(w, a=sqrt(5))`` (PEFT's and nn.Linear's init) from a generator."""
+    fan_in = shape[1]
+    gain = math.sqrt(2.0 / (1 + 5))
+    bound = math.sqrt(3.0) * gain / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)

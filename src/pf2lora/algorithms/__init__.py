@@ -1,0 +1,39 @@
+"""Registry of methods: each is a server part and a client part over a two-level model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from pf2lora.adapters.two_level import TwoLevelModel
+from pf2lora.algorithms.base import ClientAlgorithm, ServerAlgorithm
+from pf2lora.algorithms.homlora import HomLoRAClient, HomLoRAServer
+from pf2lora.algorithms.pf2lora import PF2LoRAClient, PF2LoRAServer
+from pf2lora.config import ExperimentConfig
+
+_METHODS = {
+    "pf2lora": (PF2LoRAServer, PF2LoRAClient, True),
+    "homlora": (HomLoRAServer, HomLoRAClient, False),
+}
+
+
+def build_algorithm(
+    name: str, cfg: ExperimentConfig, base: nn.Module | Callable[[], nn.Module]
+) -> tuple[ServerAlgorithm, ClientAlgorithm, TwoLevelModel]:
+    """Wrap ``base`` with the adapters method ``name`` needs; return its server and client parts."""
+    server_cls, client_cls, personal = _METHODS[name]
+    lo = cfg.lora
+    model = TwoLevelModel(
+        base() if callable(base) and not isinstance(base, nn.Module) else base,
+        lo.target_modules,
+        rank=lo.rank,
+        lora_alpha=lo.lora_alpha,
+        personal_rank=lo.personal_rank if personal else 0,
+        personal_lora_alpha=lo.personal_lora_alpha,
+        head=lo.head,
+    )
+    t = cfg.train
+    server = server_cls(model.initial_common(), t.aggregation, t.client_fraction, cfg.seed)
+    client = client_cls(model, t, cfg.seed)
+    return server, client, model

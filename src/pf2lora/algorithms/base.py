@@ -1,0 +1,94 @@
+"""The algorithm contract: a server part and a client part that never know which engine runs them.
+
+The engine moves parameters and keeps client state; the algorithm computes. Server hooks follow
+Flower's strategy shape (``configure_train`` / ``aggregate_train`` / ``configure_evaluate``);
+clients are stateless objects that take their state in and give it back, so the engine may hold
+it in memory, on disk, or in a Flower ``Context``. No file I/O, logging of results, or device
+selection happens here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+Batch = Mapping[str, Tensor]
+ClientState = dict[str, Any]
+
+
+class ClientData(Protocol):
+    """What an algorithm needs of a client's dataset."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int], device: torch.device | None = None) -> Batch: ...
+
+
+@dataclass
+class Instruction:
+    """What the server sends one client for one round."""
+
+    params: Params
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What one client sends back after local training."""
+
+    params: Params
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    """A client's predictions on a split (metrics are computed outside the algorithm)."""
+
+    logits: Tensor
+    labels: Tensor
+    loss: float
+
+
+class ServerAlgorithm(ABC):
+    """Holds the global parameters; builds each client's instruction; aggregates replies."""
+
+    @abstractmethod
+    def configure_train(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]: ...
+
+    @abstractmethod
+    def aggregate_train(self, server_round: int, results: dict[int, TrainResult]) -> None: ...
+
+    @abstractmethod
+    def configure_evaluate(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]: ...
+
+    @property
+    @abstractmethod
+    def global_params(self) -> Params: ...
+
+
+class ClientAlgorithm(ABC):
+    """Local training and prediction for one client at a time, state in and state out."""
+
+    @abstractmethod
+    def init_state(self, client_id: int) -> ClientState: ...
+
+    @abstractmethod
+    def train(
+        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+    ) -> tuple[TrainResult, ClientState]: ...
+
+    @abstractmethod
+    def predict(
+        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+    ) -> Prediction: ...
+
+    def effective_ranks(self, instruction: Instruction, state: ClientState) -> dict[str, int]:
+        """Effective rank per adapted module of this client's model (empty if not applicable)."""
+        return {}

@@ -1,0 +1,78 @@
+"""What every LoRA client shares: leaves for x, its AdamW state, minibatch draws, prediction."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pf2lora.adapters.rank import effective_ranks
+from pf2lora.adapters.two_level import TwoLevelModel
+from pf2lora.algorithms.base import (
+    ClientAlgorithm,
+    ClientData,
+    ClientState,
+    Instruction,
+    Params,
+    Prediction,
+)
+from pf2lora.config import TrainConfig
+from pf2lora.data.sampling import draw
+from pf2lora.utils import stable_seed
+
+
+class LoRAClient(ClientAlgorithm):
+    """Base of the LoRA clients. Subclasses implement ``train``."""
+
+    def __init__(self, model: TwoLevelModel, train: TrainConfig, seed: int = 0) -> None:
+        self.model = model
+        self.cfg = train
+        self.seed = seed
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, client_id: int) -> ClientState:
+        return {"cursor": {"epoch": 0, "pos": 0}, "optimizer": None}
+
+    def personal(self, state: ClientState) -> Params:
+        return state.get("personal", {})
+
+    # ------------------------------------------------------------------ helpers
+    def leaves(self, params: Params) -> dict[str, Tensor]:
+        """Fresh leaf tensors (``requires_grad``) holding a copy of ``params``."""
+        return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+    def optimizer(self, x: dict[str, Tensor], state: ClientState) -> torch.optim.AdamW:
+        """AdamW over x (sorted by name), resuming this client's moments unless reset each round."""
+        opt = torch.optim.AdamW(
+            [x[k] for k in sorted(x)], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+        )
+        if state.get("optimizer") is not None and not self.cfg.reset_optimizer:
+            opt.load_state_dict(state["optimizer"])
+        return opt
+
+    def next_batch(self, client_id: int, state: ClientState, data: ClientData, count: int):
+        indices = draw(state["cursor"], len(data), count, self.seed, "batches", client_id)
+        return data.batch(indices, self.model.device)
+
+    def seed_round(self, client_id: int, instruction: Instruction) -> None:
+        """Seed torch's global RNG (dropout) from (seed, round, client): same on every engine."""
+        torch.manual_seed(stable_seed(self.seed, "dropout", instruction.config.get("server_round", 0), client_id))
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict(
+        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+    ) -> Prediction:
+        params = {**instruction.params, **self.personal(state)}
+        self.model.train(False)
+        logits, labels, total = [], [], 0.0
+        size = self.cfg.eval_batch_size
+        for start in range(0, len(data), size):
+            batch = data.batch(list(range(start, min(start + size, len(data)))), self.model.device)
+            out = self.model.logits(params, batch).float()
+            total += torch.nn.functional.cross_entropy(out, batch["labels"], reduction="sum").item()
+            logits.append(out.cpu())
+            labels.append(batch["labels"].cpu())
+        return Prediction(torch.cat(logits), torch.cat(labels), total / max(len(data), 1))
+
+    def effective_ranks(self, instruction: Instruction, state: ClientState) -> dict[str, int]:
+        return effective_ranks(self.model.layout, {**instruction.params, **self.personal(state)})

@@ -1,0 +1,275 @@
+"""Typed, validated experiment configuration: YAML files plus dotted ``key=value`` overrides.
+
+Every field is a dataclass field with a one-line help text. ``validate()`` checks everything that
+can be checked without data or a model; anything wrong raises :class:`ConfigError`, whose message
+is a single line the CLI prints before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ALGORITHMS = ("pf2lora", "homlora")
+HYPERGRADIENTS = ("exact", "finite_difference", "first_order", "joint")
+PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid")
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration or the inputs it names (exit status 2)."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help("'bundled' (all-MiniLM-L6-v2, offline), a Hub model id or a local path", "bundled")
+    max_length: int = _help("maximum tokens per example (longer inputs are truncated)", 64)
+    dropout: float | None = _help("override the model's hidden/attention dropout; None keeps it", None)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _help(
+        "rotten_tomatoes | bbc_news (bundled), a GLUE task (sst2, cola, mnli, qqp, qnli), "
+        "hf:<path>[:<config>] for any Hub dataset, or 'file' with data.path",
+        "rotten_tomatoes",
+    )
+    path: str | None = _help("CSV / JSON lines / Parquet file when dataset=file", None)
+    test_path: str | None = _help("optional separate test file when dataset=file", None)
+    text_column: str | None = _help("text column (default: the dataset's own)", None)
+    text_pair_column: str | None = _help("second text column for sentence-pair tasks", None)
+    label_column: str | None = _help("label column (default: the dataset's own)", None)
+    key_column: str | None = _help("column for partition=key (default: the dataset's own)", None)
+    test_fraction: float = _help("held-out fraction when the data has no test split", 0.2)
+    max_examples: int | None = _help("seeded subsample of the training split (None: all)", None)
+    max_test_examples: int | None = _help("seeded subsample of the test split (None: all)", None)
+    num_clients: int = _help("number of federated clients M", 8)
+    partition: str = _help("heterogeneity | key | dirichlet | iid", "heterogeneity")
+    heterogeneity: float = _help("h in [0, 1]: label-sorted fraction of each client's data", 0.9)
+    dirichlet_alpha: float = _help("concentration of the Dirichlet label skew", 0.5)
+
+
+@dataclass
+class LoRAConfig:
+    target_modules: list[str] = _help(
+        "names of the linear layers that get adapters", factory=lambda: ["query", "value"]
+    )
+    rank: int = _help("rank r of the common adapter {A, B}", 8)
+    personal_rank: int = _help("rank r~ < r of the personal adapter {C_k, D_k}", 2)
+    lora_alpha: float = _help("common scaling s = lora_alpha / rank", 16.0)
+    personal_lora_alpha: float = _help("personal scaling s~ = personal_lora_alpha / r~", 4.0)
+    head: str = _help("task head in the common adapter (shared) or in each client's (personal)", "shared")
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = _help("communication rounds R", 10)
+    local_steps: int = _help("local steps I between two averagings", 10)
+    batch_size: int = _help("minibatch size per step (each of pi and xi)", 16)
+    lr: float = _help("upper-level (common adapter) AdamW learning rate eta", 1e-3)
+    lower_lr: float = _help("lower-level (personal adapter) SGD learning rate alpha", 1e-3)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    hypergradient: str = _help("exact | finite_difference | first_order | joint", "finite_difference")
+    fd_epsilon: float = _help("finite-difference step, as the norm of the perturbation of y", 1e-3)
+    independent_mixed_batch: bool = _help("draw the mixed-derivative batch zeta apart from pi", False)
+    reset_optimizer: bool = _help("reset each client's AdamW state every round", False)
+    aggregation: str = _help("uniform (1/M, as the paper) | weighted (by training examples)", "uniform")
+    client_fraction: float = _help("fraction of clients sampled each round", 1.0)
+    eval_every: int = _help("evaluate every N rounds (0: only after the last round)", 0)
+    eval_batch_size: int = _help("batch size for evaluation", 64)
+    threads: int | None = _help("torch CPU threads (None: torch's default)", None)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _help("experiment name (used in the run directory name)", "experiment")
+    seed: int = _help("seed for data, initialisation and sampling", 0)
+    algorithms: list[str] = _help("methods to run, in order", factory=lambda: ["pf2lora", "homlora"])
+    engine: str = _help("local (in-process)", "local")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> ExperimentConfig:
+        """Check every value that can be checked before loading data or a model."""
+        _check(bool(self.algorithms), "algorithms: give at least one method")
+        for name in self.algorithms:
+            _check(name in ALGORITHMS, f"unknown algorithm {name!r} (choose from {', '.join(ALGORITHMS)})")
+        _check(self.engine == "local", f"unknown engine {self.engine!r} (choose from local)")
+        m, d, lo, t = self.model, self.data, self.lora, self.train
+        _check(m.max_length >= 8, f"model.max_length must be >= 8, got {m.max_length}")
+        _check(m.dropout is None or 0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+        _check(d.num_clients >= 1, f"data.num_clients must be >= 1, got {d.num_clients}")
+        _check(d.partition in PARTITIONS, f"unknown data.partition {d.partition!r} (choose from {', '.join(PARTITIONS)})")
+        _check(0.0 <= d.heterogeneity <= 1.0, f"data.heterogeneity must be in [0, 1], got {d.heterogeneity}")
+        _check(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
+        _check(0.0 < d.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+        for key in ("max_examples", "max_test_examples"):
+            value = getattr(d, key)
+            _check(value is None or value >= 1, f"data.{key} must be >= 1, got {value}")
+        _check(d.dataset != "file" or bool(d.path), "data.dataset=file needs data.path")
+        _check(bool(lo.target_modules), "lora.target_modules: give at least one module name")
+        _check(lo.rank > 0, f"lora.rank must be > 0, got {lo.rank}")
+        _check(lo.personal_rank > 0, f"lora.personal_rank must be > 0, got {lo.personal_rank}")
+        _check(
+            lo.personal_rank < lo.rank,
+            f"lora.personal_rank ({lo.personal_rank}) must be smaller than lora.rank ({lo.rank})",
+        )
+        _check(lo.lora_alpha > 0 and lo.personal_lora_alpha > 0, "lora alphas must be > 0")
+        _check(lo.head in ("shared", "personal"), f"lora.head must be shared or personal, got {lo.head!r}")
+        for key in ("rounds", "local_steps", "batch_size", "eval_batch_size"):
+            _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+        for key in ("lr", "lower_lr", "fd_epsilon"):
+            _check(getattr(t, key) > 0, f"train.{key} must be > 0, got {getattr(t, key)}")
+        _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+        _check(
+            t.hypergradient in HYPERGRADIENTS,
+            f"unknown train.hypergradient {t.hypergradient!r} (choose from {', '.join(HYPERGRADIENTS)})",
+        )
+        _check(t.aggregation in ("uniform", "weighted"), f"train.aggregation must be uniform or weighted, got {t.aggregation!r}")
+        _check(0 < t.client_fraction <= 1, f"train.client_fraction must be in (0, 1], got {t.client_fraction}")
+        _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+        _check(t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------- building from data
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, type-checking every value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key!r} (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, where + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> dict[str, str]:
+    """Map every leaf field name to its dotted path (used to resolve short override keys)."""
+    paths: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            paths.update(_leaf_paths(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            paths[f.name] = f"{prefix}{f.name}"
+    return paths
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key=value`` (value parsed as YAML) to the nested dict ``data`` in place.
+
+    Keys are dotted paths (``train.rounds=5``); a bare name that is a unique leaf field
+    (``rounds=5``) is resolved to its path, and ``algorithm=NAME`` means ``algorithms=[NAME]``.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if key == "algorithm":
+        key, value = "algorithms", [value] if isinstance(value, str) else value
+    top = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    if "." not in key and key not in top:
+        leaves = _leaf_paths(ExperimentConfig)
+        if key not in leaves:
+            raise ConfigError(f"unknown config key {key!r}")
+        key = leaves[key]
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"unknown config key {key!r}")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or the defaults), apply overrides, type-check and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return from_dict(ExperimentConfig, data).validate()

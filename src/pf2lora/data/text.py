@@ -1,0 +1,111 @@
+"""Tokenised per-client datasets for sequence classification, and the federated split of a task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pf2lora.config import ConfigError, DataConfig
+from pf2lora.data import partition
+from pf2lora.data.sources import TextSplits, load_splits
+
+
+class TokenizedData:
+    """Token ids of a set of examples; ``batch`` pads to the longest example in the batch."""
+
+    def __init__(self, ids: list[list[int]], types: list[list[int]] | None, labels: np.ndarray, pad_id: int):
+        self.ids, self.types, self.pad_id = ids, types, pad_id
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, indices: np.ndarray) -> TokenizedData:
+        types = [self.types[i] for i in indices] if self.types is not None else None
+        return TokenizedData([self.ids[i] for i in indices], types, self.labels[indices].numpy(), self.pad_id)
+
+    def batch(self, indices: list[int], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        length = max(len(self.ids[i]) for i in indices)
+        input_ids = torch.full((len(indices), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(indices), length), dtype=torch.long)
+        types = torch.zeros((len(indices), length), dtype=torch.long) if self.types is not None else None
+        for row, i in enumerate(indices):
+            n = len(self.ids[i])
+            input_ids[row, :n] = torch.as_tensor(self.ids[i])
+            mask[row, :n] = 1
+            if types is not None and self.types is not None:
+                types[row, :n] = torch.as_tensor(self.types[i])
+        out = {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[indices]}
+        if types is not None:
+            out["token_type_ids"] = types
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def tokenize(frame, tokenizer, max_length: int) -> TokenizedData:
+    pairs = frame["text_pair"].tolist() if "text_pair" in frame else None
+    enc = tokenizer(frame["text"].tolist(), pairs, truncation=True, max_length=max_length)
+    types = enc.get("token_type_ids") if pairs is not None else None
+    return TokenizedData(enc["input_ids"], types, frame["label"].to_numpy(), tokenizer.pad_token_id or 0)
+
+
+@dataclass
+class FederatedData:
+    """Each client's own train and test split."""
+
+    train: list[TokenizedData]
+    test: list[TokenizedData]
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def pooled_train(self) -> TokenizedData:
+        parts = self.train
+        types = None if parts[0].types is None else [t for p in parts for t in p.types or []]
+        labels = np.concatenate([p.labels.numpy() for p in parts])
+        return TokenizedData([i for p in parts for i in p.ids], types, labels, parts[0].pad_id)
+
+
+def client_indices(splits: TextSplits, cfg: DataConfig, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Partition train and test by ``cfg.partition``; checks that no client is left empty."""
+    m = cfg.num_clients
+    train_labels, test_labels = splits.train["label"].to_numpy(), splits.test["label"].to_numpy()
+    if m > len(train_labels):
+        raise ConfigError(f"data.num_clients ({m}) is larger than the number of training examples ({len(train_labels)})")
+    if m > len(test_labels):
+        raise ConfigError(f"data.num_clients ({m}) is larger than the number of test examples ({len(test_labels)})")
+    if cfg.partition in ("heterogeneity", "iid"):
+        h = cfg.heterogeneity if cfg.partition == "heterogeneity" else 0.0
+        train = partition.by_heterogeneity(train_labels, m, h, seed)
+        test = partition.by_heterogeneity(test_labels, m, h, seed + 1)
+    elif cfg.partition == "key":
+        if "key" not in splits.train:
+            raise ConfigError(f"partition=key needs data.key_column (dataset {cfg.dataset} has no key column)")
+        owner = partition.key_assignment(splits.train["key"].to_numpy(), splits.test["key"].to_numpy(), m, seed)
+        train = partition.by_key(splits.train["key"].to_numpy(), owner, m)
+        test = partition.by_key(splits.test["key"].to_numpy(), owner, m)
+    else:
+        proportions = partition.dirichlet_proportions(len(splits.label_names), m, cfg.dirichlet_alpha, seed)
+        train = partition.by_proportions(train_labels, proportions, seed)
+        test = partition.by_proportions(test_labels, proportions, seed + 1)
+    for client in range(m):
+        if len(train[client]) == 0 or len(test[client]) == 0:
+            which = "training" if len(train[client]) == 0 else "test"
+            raise ConfigError(
+                f"client {client} has no {which} examples under partition={cfg.partition}; "
+                "use fewer clients or another partition"
+            )
+    return train, test
+
+
+def build_federated_data(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> FederatedData:
+    splits = load_splits(cfg, seed)
+    train_idx, test_idx = client_indices(splits, cfg, seed)
+    train_all = tokenize(splits.train, tokenizer, max_length)
+    test_all = tokenize(splits.test, tokenizer, max_length)
+    return FederatedData(
+        [train_all.subset(i) for i in train_idx], [test_all.subset(i) for i in test_idx], splits.label_names
+    )

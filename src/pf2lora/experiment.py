@@ -1,0 +1,127 @@
+"""One experiment: every chosen method on the same client partitions, written to a run directory.
+
+Everything a user can get wrong (config, data, columns, model, target modules) is checked in
+:func:`prepare`, before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from pf2lora.adapters.two_level import find_head, find_target_modules
+from pf2lora.algorithms import build_algorithm
+from pf2lora.config import ConfigError, ExperimentConfig
+from pf2lora.data.text import FederatedData, build_federated_data
+from pf2lora.engines.local import LocalEngine
+from pf2lora.metrics import summarize
+from pf2lora.models import load_classifier, load_tokenizer
+from pf2lora.utils import stable_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    cfg: ExperimentConfig
+    data: FederatedData
+
+    def base_model(self) -> torch.nn.Module:
+        """The pretrained model with a head seeded identically for every method."""
+        torch.manual_seed(stable_seed(self.cfg.seed, "head"))
+        return load_classifier(self.cfg.model.name, self.data.num_labels, self.cfg.model.dropout)
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Load and partition the data and check the model, raising ConfigError on any bad input."""
+    cfg.validate()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    tokenizer = load_tokenizer(cfg.model.name)
+    data = build_federated_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed)
+    prepared = Prepared(cfg, data)
+    base = prepared.base_model()
+    find_target_modules(base, cfg.lora.target_modules)
+    find_head(base)
+    return prepared
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse to write over an earlier run unless asked to."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out {out} already holds files; choose a new directory or pass --force")
+
+
+def run_experiment(
+    prepared: Prepared,
+    out: Path,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> dict[str, Any]:
+    """Run every method of ``prepared.cfg`` and write the run directory. Returns ``results.json``."""
+    cfg, data = prepared.cfg, prepared.data
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    results: dict[str, Any] = {}
+    with open(out / "metrics.jsonl", "w") as metrics_file:
+        for name in cfg.algorithms:
+            started = time.perf_counter()
+            server, client, model = build_algorithm(name, cfg, prepared.base_model())
+            steps = cfg.train.rounds * max(1, round(cfg.train.client_fraction * cfg.data.num_clients))
+            engine = LocalEngine(server, client, data.train, data.test, progress(name, steps) if progress else None)
+
+            def write(record: dict[str, Any], name: str = name) -> None:
+                metrics_file.write(json.dumps({"algorithm": name, **_jsonable(record)}) + "\n")
+                metrics_file.flush()
+
+            per_client, ranks = engine.run(cfg.train.rounds, cfg.train.eval_every, write)
+            mean, std = summarize(per_client)
+            results[name] = {
+                "clients": {str(c): m for c, m in per_client.items()},
+                "mean": mean,
+                "std": std,
+                "effective_rank": {str(c): r for c, r in ranks.items()},
+                "trainable_parameters": _count(server.global_params) + _count(engine.states.get(0, {}).get("personal", {})),
+                "communicated_parameters_per_client_round": _count(server.global_params),
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            _save_checkpoint(out / "checkpoints" / name, server.global_params, engine.states)
+            del engine, server, client, model
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    from pf2lora.plots import plot_run  # matplotlib only when writing plots
+
+    plot_run(out, results, out / "metrics.jsonl")
+    return results
+
+
+def _count(params: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in params.values())
+
+
+def _save_checkpoint(folder: Path, common: dict[str, torch.Tensor], states: dict[int, dict[str, Any]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in common.items()}, str(folder / "common.safetensors"))
+    for cid, state in states.items():
+        if state.get("personal"):
+            personal = {k: v.contiguous() for k, v in state["personal"].items()}
+            save_file(personal, str(folder / f"personal_client{cid}.safetensors"))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6)
+    return value

@@ -1,0 +1,55 @@
+"""Small shared helpers: stable seeds and tensor-dict arithmetic."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` that is the same in every process (unlike ``hash()``)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(stable_seed(*parts))
+
+
+def clone_params(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+def weighted_average(dicts: Iterable[Mapping[str, Tensor]], weights: Iterable[float]) -> dict[str, Tensor]:
+    """``sum_k w_k d_k`` name by name, with the weights normalised to sum to one."""
+    dicts, weights = list(dicts), [float(w) for w in weights]
+    if not dicts:
+        raise ValueError("nothing to average")
+    total = sum(weights)
+    out = {}
+    for name in dicts[0]:
+        acc = torch.zeros_like(dicts[0][name], dtype=torch.float64)
+        for d, w in zip(dicts, weights, strict=True):
+            acc += (w / total) * d[name].double()
+        out[name] = acc.to(dicts[0][name].dtype)
+    return out
+
+
+def num_bytes(params: Mapping[str, Tensor]) -> int:
+    """Bytes of the tensor payload (element count times element size)."""
+    return sum(t.numel() * t.element_size() for t in params.values())
+
+
+def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The RNG state dropout draws from on ``device`` (CPU, plus the CUDA one when on a GPU)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny models built from a config (seconds), offline Hugging Face."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+from pf2lora.adapters.two_level import TwoLevelModel  # noqa: E402
+
+
+def tiny_bert(num_labels: int = 3, dropout: float = 0.0, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=60,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_two_level(personal_rank: int = 2, dtype: torch.dtype = torch.float64, **kw) -> TwoLevelModel:
+    base = tiny_bert(**kw).to(dtype)
+    return TwoLevelModel(base, ["query", "value"], rank=4, lora_alpha=8, personal_rank=personal_rank,
+                         personal_lora_alpha=4)
+
+
+def random_batch(size: int = 6, length: int = 7, num_labels: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1, 60, (size, length), generator=g),
+        "attention_mask": torch.ones(size, length, dtype=torch.long),
+        "labels": torch.randint(0, num_labels, (size,), generator=g),
+    }
+
+
+@pytest.fixture
+def tiny_model() -> TwoLevelModel:
+    return tiny_two_level()
