@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from pf2lora.config import ConfigError, load_config
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     items = [*args.items, *extra]
     config = items[0] if items and "=" not in items[0] else None
     overrides = items[1:] if config is not None else items

@@ -46,12 +46,15 @@ def load_classifier(name: str, num_labels: int, dropout: float | None = None) ->
             for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
                 if hasattr(config, key):
                     setattr(config, key, dropout)
-        verbosity = hf_logging.get_verbosity()
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
+        hf_logging.disable_progress_bar()  # loading takes a second; no bar for it
         try:
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
     except Exception as err:
         raise _explain(name, err) from None
     if getattr(model.config, "pad_token_id", None) is None:

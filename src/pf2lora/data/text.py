@@ -17,7 +17,7 @@ class TokenizedData:
 
     def __init__(self, ids: list[list[int]], types: list[list[int]] | None, labels: np.ndarray, pad_id: int):
         self.ids, self.types, self.pad_id = ids, types, pad_id
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.ids)

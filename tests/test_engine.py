@@ -1,0 +1,89 @@
+"""The in-process engine: rounds, aggregation, per-client state, reproducibility."""
+
+from __future__ import annotations
+
+import torch
+
+from pf2lora.algorithms.base import Instruction, TrainResult
+from pf2lora.algorithms.fedavg import FedAvgServer, sample_clients
+from pf2lora.algorithms.homlora import HomLoRAClient, HomLoRAServer
+from pf2lora.algorithms.pf2lora import PF2LoRAClient, PF2LoRAServer
+from pf2lora.config import TrainConfig
+from pf2lora.data.text import TokenizedData
+from pf2lora.engines.local import LocalEngine
+
+from conftest import tiny_two_level
+
+
+def _clients(m: int = 3, n: int = 24) -> list[TokenizedData]:
+    g = torch.Generator().manual_seed(11)
+    return [
+        TokenizedData(torch.randint(1, 60, (n, 5), generator=g).tolist(), None, torch.full((n,), c % 3).numpy(), 0)
+        for c in range(m)
+    ]
+
+
+def test_fedavg_uniform_and_weighted_by_hand() -> None:
+    server = FedAvgServer({"w": torch.zeros(2)}, aggregation="uniform")
+    results = {0: TrainResult({"w": torch.tensor([1.0, 2.0])}, 10), 1: TrainResult({"w": torch.tensor([3.0, 6.0])}, 30)}
+    server.aggregate_train(1, results)
+    torch.testing.assert_close(server.global_params["w"], torch.tensor([2.0, 4.0]))
+    weighted = FedAvgServer({"w": torch.zeros(2)}, aggregation="weighted")
+    weighted.aggregate_train(1, results)
+    # (10 * [1, 2] + 30 * [3, 6]) / 40 = [2.5, 5.0]
+    torch.testing.assert_close(weighted.global_params["w"], torch.tensor([2.5, 5.0]))
+
+
+def test_client_sampling_is_seeded_and_sized() -> None:
+    ids = list(range(10))
+    assert sample_clients(ids, 1.0, 0, 1) == ids
+    chosen = sample_clients(ids, 0.3, 0, 1)
+    assert len(chosen) == 3 and chosen == sample_clients(ids, 0.3, 0, 1)
+    assert set(chosen) <= set(ids)
+
+
+def _run(algorithm: str, rounds: int = 2):
+    model = tiny_two_level(personal_rank=2 if algorithm == "pf2lora" else 0, dropout=0.1)
+    cfg = TrainConfig(local_steps=2, batch_size=4, lower_lr=0.5, eval_batch_size=7)
+    server_cls, client_cls = (PF2LoRAServer, PF2LoRAClient) if algorithm == "pf2lora" else (HomLoRAServer, HomLoRAClient)
+    data = _clients()
+    engine = LocalEngine(server_cls(model.initial_common()), client_cls(model, cfg, seed=5), data, data)
+    records: list[dict] = []
+    metrics, ranks = engine.run(rounds, eval_every=1, on_round=records.append)
+    return engine, metrics, ranks, records
+
+
+def test_pf2lora_rounds_keep_personal_state_per_client() -> None:
+    engine, metrics, ranks, records = _run("pf2lora")
+    assert [r["round"] for r in records] == [1, 2]
+    assert all("eval" in r and set(r["eval"]) == {0, 1, 2} for r in records)
+    personal = [engine.states[c]["personal"] for c in range(3)]
+    name = next(n for n in personal[0] if ".lora_B." in n)
+    assert not torch.equal(personal[0][name], personal[1][name])  # each client its own y_k
+    assert set(metrics) == {0, 1, 2} and all(0 <= m["accuracy"] <= 1 for m in metrics.values())
+    assert all(len(r) == 4 for r in ranks.values())  # 2 layers x (query, value)
+    sent = records[0]["clients"][0]
+    assert sent["bytes_sent"] == sent["bytes_received"] > 0
+
+
+def test_homlora_evaluates_the_global_model_and_sends_all_it_trains() -> None:
+    engine, metrics, _, records = _run("homlora")
+    assert all(state.get("personal", {}) == {} for state in engine.states.values())
+    x_bytes = sum(t.numel() * t.element_size() for t in engine.server.global_params.values())
+    assert records[-1]["clients"][1]["bytes_sent"] == x_bytes
+
+
+def test_same_seed_same_result() -> None:
+    first, second = _run("pf2lora")[0], _run("pf2lora")[0]
+    for name, tensor in first.server.global_params.items():
+        torch.testing.assert_close(tensor, second.server.global_params[name], rtol=0, atol=0)
+
+
+def test_only_sampled_clients_train() -> None:
+    model = tiny_two_level(personal_rank=0)
+    server = HomLoRAServer(model.initial_common(), client_fraction=0.34, seed=0)
+    data = _clients()
+    engine = LocalEngine(server, HomLoRAClient(model, TrainConfig(local_steps=1, batch_size=4)), data, data)
+    record = engine.train_round(1)
+    assert len(record["clients"]) == 2  # ceil(0.34 * 3)
+    assert isinstance(server.configure_evaluate(1, [0, 1, 2])[2], Instruction)

@@ -1,0 +1,80 @@
+"""Data sources: bundled corpora, the user's own files, and their errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pf2lora.config import ConfigError, DataConfig
+from pf2lora.data.sources import load_bbc_news, load_rotten_tomatoes, load_splits
+
+
+def _frame(n: int = 30) -> pd.DataFrame:
+    return pd.DataFrame({"review": [f"text {i}" for i in range(n)], "stars": ["good", "bad", "ok"] * (n // 3)})
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_user_files_with_named_columns(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"data{suffix}"
+    frame = _frame()
+    {".csv": lambda: frame.to_csv(path, index=False), ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    cfg = DataConfig(dataset="file", path=str(path), text_column="review", label_column="stars", test_fraction=0.2)
+    splits = load_splits(cfg, seed=0)
+    assert len(splits.train) == 24 and len(splits.test) == 6
+    assert splits.label_names == ["bad", "good", "ok"]
+    assert set(splits.train["label"]) <= {0, 1, 2}
+    assert set(splits.train["text"]) | set(splits.test["text"]) == set(frame["review"])
+
+
+def test_separate_test_file(tmp_path: Path) -> None:
+    _frame(30).to_csv(tmp_path / "train.csv", index=False)
+    _frame(9).to_csv(tmp_path / "test.csv", index=False)
+    cfg = DataConfig(dataset="file", path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"),
+                     text_column="review", label_column="stars")
+    splits = load_splits(cfg, seed=0)
+    assert (len(splits.train), len(splits.test)) == (30, 9)
+
+
+def test_missing_column_names_it(tmp_path: Path) -> None:
+    _frame().to_csv(tmp_path / "d.csv", index=False)
+    cfg = DataConfig(dataset="file", path=str(tmp_path / "d.csv"), text_column="body", label_column="stars")
+    with pytest.raises(ConfigError, match="no text column 'body'.*columns: review, stars"):
+        load_splits(cfg, seed=0)
+
+
+def test_unreadable_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_splits(DataConfig(dataset="file", path=str(tmp_path / "none.csv")), seed=0)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not a parquet file")
+    with pytest.raises(ConfigError, match="cannot read data file"):
+        load_splits(DataConfig(dataset="file", path=str(broken)), seed=0)
+    odd = tmp_path / "data.xlsx"
+    odd.write_text("x")
+    with pytest.raises(ConfigError, match="unsupported format"):
+        load_splits(DataConfig(dataset="file", path=str(odd)), seed=0)
+
+
+def test_unknown_dataset_and_offline_hub() -> None:
+    with pytest.raises(ConfigError, match="unknown dataset 'imdbx'"):
+        load_splits(DataConfig(dataset="imdbx"), seed=0)
+    with pytest.raises(ConfigError, match="cannot load dataset glue:sst2 from the Hugging Face Hub"):
+        load_splits(DataConfig(dataset="sst2"), seed=0)  # tests run with HF_HUB_OFFLINE=1
+
+
+def test_bundled_corpora() -> None:
+    rt = load_rotten_tomatoes()
+    assert len(rt) == 12808 and set(rt["label"]) == {"fresh", "rotten"}
+    assert rt["key"].nunique() == 508
+    bbc = load_bbc_news()
+    assert len(bbc) == 2225 and bbc["label"].nunique() == 5
+
+
+def test_subsampling_is_seeded() -> None:
+    cfg = DataConfig(dataset="rotten_tomatoes", max_examples=500, max_test_examples=100)
+    a, b = load_splits(cfg, seed=1), load_splits(cfg, seed=1)
+    assert len(a.train) == 500 and len(a.test) == 100
+    assert a.train["text"].tolist() == b.train["text"].tolist()
