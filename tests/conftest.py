@@ -32,8 +32,9 @@ def tiny_bert(num_labels: int = 3, dropout: float = 0.0, seed: int = 0) -> BertF
 
 def tiny_two_level(personal_rank: int = 2, dtype: torch.dtype = torch.float64, **kw) -> TwoLevelModel:
     base = tiny_bert(**kw).to(dtype)
-    return TwoLevelModel(base, ["query", "value"], rank=4, lora_alpha=8, personal_rank=personal_rank,
-                         personal_lora_alpha=4)
+    return TwoLevelModel(
+        base, ["query", "value"], rank=4, lora_alpha=8, personal_rank=personal_rank, personal_lora_alpha=4
+    )
 
 
 def random_batch(size: int = 6, length: int = 7, num_labels: int = 3, seed: int = 1) -> dict[str, torch.Tensor]:

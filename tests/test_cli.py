@@ -11,8 +11,15 @@ import pytest
 
 from pf2lora.cli import main
 
-TINY = ["data.num_clients=2", "data.max_examples=48", "data.max_test_examples=16", "train.rounds=1",
-        "train.local_steps=2", "train.batch_size=4", "model.max_length=24"]
+TINY = [
+    "data.num_clients=2",
+    "data.max_examples=48",
+    "data.max_test_examples=16",
+    "train.rounds=1",
+    "train.local_steps=2",
+    "train.batch_size=4",
+    "model.max_length=24",
+]
 
 
 @pytest.mark.parametrize(
@@ -58,8 +65,9 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path, capsys) -> No
 
 
 def test_exit_status_from_a_real_process(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pf2lora.cli", "run", "lora.rank=-1"], capture_output=True,
-                          text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pf2lora.cli", "run", "lora.rank=-1"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "pf2lora: error: lora.rank must be > 0, got -1"
 
@@ -76,12 +84,21 @@ def test_small_real_run_writes_the_run_directory(tmp_path: Path) -> None:
         accs = [c["accuracy"] for c in method["clients"].values()]
         assert method["mean"]["accuracy"] == pytest.approx(sum(accs) / 2)
     assert len(results["pf2lora"]["effective_rank"]["0"]) == 12  # 6 layers x (query, value)
-    assert results["pf2lora"]["communicated_parameters_per_client_round"] == results["homlora"][
-        "communicated_parameters_per_client_round"]
+    assert (
+        results["pf2lora"]["communicated_parameters_per_client_round"]
+        == results["homlora"]["communicated_parameters_per_client_round"]
+    )
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["algorithm"], r["round"]) for r in lines] == [("pf2lora", 1), ("homlora", 1)]
     assert set(lines[0]["clients"]["0"]) >= {"train_loss", "bytes_sent", "bytes_received"}
     assert "effective_rank" in lines[0] and "eval" in lines[0]
-    for name in ("config.yaml", "accuracy_per_client.png", "curves.png", "checkpoints/pf2lora/common.safetensors",
-                 "checkpoints/pf2lora/personal_client1.safetensors"):
+    for name in (
+        "config.yaml",
+        "accuracy_per_client.png",
+        "curves.png",
+        "checkpoints/pf2lora/common.safetensors",
+        "checkpoints/pf2lora/personal_client1.safetensors",
+        "adapters/pf2lora/client1/adapter_config.json",
+        "adapters/homlora/client0/adapter_model.safetensors",
+    ):
         assert (out / name).is_file(), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import tiny_two_level
 
 from pf2lora.algorithms.base import Instruction, TrainResult
 from pf2lora.algorithms.fedavg import FedAvgServer, sample_clients
@@ -11,8 +12,6 @@ from pf2lora.algorithms.pf2lora import PF2LoRAClient, PF2LoRAServer
 from pf2lora.config import TrainConfig
 from pf2lora.data.text import TokenizedData
 from pf2lora.engines.local import LocalEngine
-
-from conftest import tiny_two_level
 
 
 def _clients(m: int = 3, n: int = 24) -> list[TokenizedData]:
@@ -45,7 +44,9 @@ def test_client_sampling_is_seeded_and_sized() -> None:
 def _run(algorithm: str, rounds: int = 2):
     model = tiny_two_level(personal_rank=2 if algorithm == "pf2lora" else 0, dropout=0.1)
     cfg = TrainConfig(local_steps=2, batch_size=4, lower_lr=0.5, eval_batch_size=7)
-    server_cls, client_cls = (PF2LoRAServer, PF2LoRAClient) if algorithm == "pf2lora" else (HomLoRAServer, HomLoRAClient)
+    server_cls, client_cls = (
+        (PF2LoRAServer, PF2LoRAClient) if algorithm == "pf2lora" else (HomLoRAServer, HomLoRAClient)
+    )
     data = _clients()
     engine = LocalEngine(server_cls(model.initial_common()), client_cls(model, cfg, seed=5), data, data)
     records: list[dict] = []

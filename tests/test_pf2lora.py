@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_batch, tiny_two_level
 
 from pf2lora.algorithms.base import Instruction
 from pf2lora.algorithms.pf2lora import PF2LoRAClient, PF2LoRAServer
 from pf2lora.config import TrainConfig
 from pf2lora.data.text import TokenizedData
-
-from conftest import random_batch, tiny_two_level
 
 ALPHA = 20.0  # a large lower-level step makes the mixed term large, so the checks can fail
 
@@ -49,9 +48,11 @@ def _eq4(model, x, y):
     gx_xi, v = grads[: len(xs)], grads[len(xs) :]
     inner = sum((g * vk.detach()).sum() for g, vk in zip(gy_pi, v))
     mixed = torch.autograd.grad(inner, [xl[k] for k in xs])
-    return torch.cat([(gx - ALPHA * m).flatten() for gx, m in zip(gx_xi, mixed)]), torch.cat(
-        [g.flatten() for g in gx_xi]
-    ), y1
+    return (
+        torch.cat([(gx - ALPHA * m).flatten() for gx, m in zip(gx_xi, mixed)]),
+        torch.cat([g.flatten() for g in gx_xi]),
+        y1,
+    )
 
 
 def test_exact_equals_eq4_term_by_term() -> None:
@@ -119,14 +120,15 @@ def test_client_sends_only_the_common_adapter(mode: str) -> None:
 
 
 def test_personal_head_stays_on_the_client() -> None:
-    from pf2lora.adapters.two_level import TwoLevelModel
-
     from conftest import tiny_bert
+
+    from pf2lora.adapters.two_level import TwoLevelModel
 
     model = TwoLevelModel(tiny_bert().double(), ["query"], 4, 8, personal_rank=2, head="personal")
     client = PF2LoRAClient(model, TrainConfig(local_steps=2, batch_size=4))
-    result, state = client.train(0, Instruction(model.initial_common(), {"server_round": 1}), client.init_state(0),
-                                 _client_data())
+    result, state = client.train(
+        0, Instruction(model.initial_common(), {"server_round": 1}), client.init_state(0), _client_data()
+    )
     assert not any("classifier" in n for n in result.params)
     assert any("classifier" in n for n in state["personal"])
 

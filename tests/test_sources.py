@@ -19,8 +19,11 @@ def _frame(n: int = 30) -> pd.DataFrame:
 def test_user_files_with_named_columns(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"data{suffix}"
     frame = _frame()
-    {".csv": lambda: frame.to_csv(path, index=False), ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
-     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    {
+        ".csv": lambda: frame.to_csv(path, index=False),
+        ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        ".parquet": lambda: frame.to_parquet(path),
+    }[suffix]()
     cfg = DataConfig(dataset="file", path=str(path), text_column="review", label_column="stars", test_fraction=0.2)
     splits = load_splits(cfg, seed=0)
     assert len(splits.train) == 24 and len(splits.test) == 6
@@ -32,8 +35,13 @@ def test_user_files_with_named_columns(tmp_path: Path, suffix: str) -> None:
 def test_separate_test_file(tmp_path: Path) -> None:
     _frame(30).to_csv(tmp_path / "train.csv", index=False)
     _frame(9).to_csv(tmp_path / "test.csv", index=False)
-    cfg = DataConfig(dataset="file", path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"),
-                     text_column="review", label_column="stars")
+    cfg = DataConfig(
+        dataset="file",
+        path=str(tmp_path / "train.csv"),
+        test_path=str(tmp_path / "test.csv"),
+        text_column="review",
+        label_column="stars",
+    )
     splits = load_splits(cfg, seed=0)
     assert (len(splits.train), len(splits.test)) == (30, 9)
 

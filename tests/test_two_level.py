@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_batch, tiny_bert, tiny_two_level
 
 from pf2lora.adapters.rank import delta_weights, effective_rank, effective_ranks
 from pf2lora.adapters.two_level import TwoLevelModel, find_target_modules
 from pf2lora.config import ConfigError
-
-from conftest import random_batch, tiny_bert, tiny_two_level
 
 
 def _random_params(model: TwoLevelModel, seed: int = 0) -> dict[str, torch.Tensor]:

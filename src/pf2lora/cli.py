@@ -21,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment (every method in `algorithms`)")
     run.add_argument(
-        "items", nargs="*", metavar="[CONFIG] [key=value ...]",
+        "items",
+        nargs="*",
+        metavar="[CONFIG] [key=value ...]",
         help="a YAML config (default: built-in defaults), then dotted overrides such as train.rounds=5",
     )
     run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")

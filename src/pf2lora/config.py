@@ -112,7 +112,9 @@ class ExperimentConfig:
         _check(m.max_length >= 8, f"model.max_length must be >= 8, got {m.max_length}")
         _check(m.dropout is None or 0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
         _check(d.num_clients >= 1, f"data.num_clients must be >= 1, got {d.num_clients}")
-        _check(d.partition in PARTITIONS, f"unknown data.partition {d.partition!r} (choose from {', '.join(PARTITIONS)})")
+        _check(
+            d.partition in PARTITIONS, f"unknown data.partition {d.partition!r} (choose from {', '.join(PARTITIONS)})"
+        )
         _check(0.0 <= d.heterogeneity <= 1.0, f"data.heterogeneity must be in [0, 1], got {d.heterogeneity}")
         _check(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
         _check(0.0 < d.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
@@ -138,7 +140,10 @@ class ExperimentConfig:
             t.hypergradient in HYPERGRADIENTS,
             f"unknown train.hypergradient {t.hypergradient!r} (choose from {', '.join(HYPERGRADIENTS)})",
         )
-        _check(t.aggregation in ("uniform", "weighted"), f"train.aggregation must be uniform or weighted, got {t.aggregation!r}")
+        _check(
+            t.aggregation in ("uniform", "weighted"),
+            f"train.aggregation must be uniform or weighted, got {t.aggregation!r}",
+        )
         _check(0 < t.client_fraction <= 1, f"train.client_fraction must be in (0, 1], got {t.client_fraction}")
         _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
         _check(t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}")

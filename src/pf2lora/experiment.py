@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from pf2lora.adapters.export import PeftExporter
 from pf2lora.adapters.two_level import find_head, find_target_modules
 from pf2lora.algorithms import build_algorithm
 from pf2lora.config import ConfigError, ExperimentConfig
@@ -91,12 +92,17 @@ def run_experiment(
                 "mean": mean,
                 "std": std,
                 "effective_rank": {str(c): r for c, r in ranks.items()},
-                "trainable_parameters": _count(server.global_params) + _count(engine.states.get(0, {}).get("personal", {})),
+                "trainable_parameters": _count(server.global_params)
+                + _count(engine.states.get(0, {}).get("personal", {})),
                 "communicated_parameters_per_client_round": _count(server.global_params),
                 "seconds": round(time.perf_counter() - started, 2),
             }
             _save_checkpoint(out / "checkpoints" / name, server.global_params, engine.states)
-            del engine, server, client, model
+            exporter = PeftExporter(prepared.base_model(), model.layout, cfg.lora.target_modules)
+            for cid in range(cfg.data.num_clients):
+                personal = engine.states[cid].get("personal", {}) if cid in engine.states else {}
+                exporter.save({**server.global_params, **personal}, out / "adapters" / name / f"client{cid}")
+            del engine, server, client, model, exporter
     (out / "results.json").write_text(json.dumps(results, indent=2))
     from pf2lora.plots import plot_run  # matplotlib only when writing plots
 

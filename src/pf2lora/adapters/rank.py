@@ -38,9 +38,7 @@ def delta_weights(layout: AdapterLayout, params: Params) -> dict[str, Tensor]:
 
 def effective_ranks(layout: AdapterLayout, params: Params, energy: float = 0.9) -> dict[str, int]:
     """Effective rank per adapted module, keyed by a short module name."""
-    return {
-        short_module_name(m): effective_rank(dw, energy) for m, dw in delta_weights(layout, params).items()
-    }
+    return {short_module_name(m): effective_rank(dw, energy) for m, dw in delta_weights(layout, params).items()}
 
 
 def short_module_name(path: str) -> str:

@@ -85,9 +85,7 @@ class ClientAlgorithm(ABC):
     ) -> tuple[TrainResult, ClientState]: ...
 
     @abstractmethod
-    def predict(
-        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
-    ) -> Prediction: ...
+    def predict(self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData) -> Prediction: ...
 
     def effective_ranks(self, instruction: Instruction, state: ClientState) -> dict[str, int]:
         """Effective rank per adapted module of this client's model (empty if not applicable)."""

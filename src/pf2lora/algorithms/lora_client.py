@@ -42,9 +42,7 @@ class LoRAClient(ClientAlgorithm):
 
     def optimizer(self, x: dict[str, Tensor], state: ClientState) -> torch.optim.AdamW:
         """AdamW over x (sorted by name), resuming this client's moments unless reset each round."""
-        opt = torch.optim.AdamW(
-            [x[k] for k in sorted(x)], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
-        )
+        opt = torch.optim.AdamW([x[k] for k in sorted(x)], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         if state.get("optimizer") is not None and not self.cfg.reset_optimizer:
             opt.load_state_dict(state["optimizer"])
         return opt
@@ -59,9 +57,7 @@ class LoRAClient(ClientAlgorithm):
 
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
-    def predict(
-        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
-    ) -> Prediction:
+    def predict(self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData) -> Prediction:
         params = {**instruction.params, **self.personal(state)}
         self.model.train(False)
         logits, labels, total = [], [], 0.0

@@ -167,9 +167,7 @@ class PF2LoRAClient(LoRAClient):
                 h[k] = h[k] - alpha * m
         return loss_pi.item(), h, y_next
 
-    def joint_step(
-        self, x: dict[str, Tensor], y: Params, batch: Batch
-    ) -> tuple[float, dict[str, Tensor], Params]:
+    def joint_step(self, x: dict[str, Tensor], y: Params, batch: Batch) -> tuple[float, dict[str, Tensor], Params]:
         """Ablation without the bilevel step: both levels from the gradients at (x_t, y_t)."""
         xs, ys = list(x), list(y)
         y_leaf = {k: v.detach().requires_grad_(True) for k, v in y.items()}

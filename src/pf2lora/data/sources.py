@@ -83,8 +83,9 @@ def read_table(path: str) -> pd.DataFrame:
     raise ConfigError(f"data file {path}: unsupported format (use .csv, .tsv, .jsonl, .json or .parquet)")
 
 
-def _select(frame: pd.DataFrame, cfg: DataConfig, text: str, pair: str | None, label: str, key: str | None,
-            where: str) -> pd.DataFrame:
+def _select(
+    frame: pd.DataFrame, cfg: DataConfig, text: str, pair: str | None, label: str, key: str | None, where: str
+) -> pd.DataFrame:
     columns = {"text": cfg.text_column or text, "label": cfg.label_column or label}
     if cfg.text_pair_column or pair:
         columns["text_pair"] = cfg.text_pair_column or pair  # type: ignore[assignment]

@@ -74,7 +74,9 @@ def client_indices(splits: TextSplits, cfg: DataConfig, seed: int) -> tuple[list
     m = cfg.num_clients
     train_labels, test_labels = splits.train["label"].to_numpy(), splits.test["label"].to_numpy()
     if m > len(train_labels):
-        raise ConfigError(f"data.num_clients ({m}) is larger than the number of training examples ({len(train_labels)})")
+        raise ConfigError(
+            f"data.num_clients ({m}) is larger than the number of training examples ({len(train_labels)})"
+        )
     if m > len(test_labels):
         raise ConfigError(f"data.num_clients ({m}) is larger than the number of test examples ({len(test_labels)})")
     if cfg.partition in ("heterogeneity", "iid"):
