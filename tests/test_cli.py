@@ -49,6 +49,21 @@ def test_missing_column_and_unreadable_file(tmp_path: Path, capsys) -> None:
     csv.write_text("sentence,label\nhello,1\nworld,0\n")
     assert main(["run", "data.dataset=file", f"data.path={csv}", "--out", str(tmp_path / "o")]) == 2
     assert "no text column 'text'" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "run",
+                "data.dataset=file",
+                f"data.path={csv}",
+                "data.text_column=sentence",
+                "data.label_column=stars",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "no label column 'stars'" in capsys.readouterr().err
     garbage = tmp_path / "g.parquet"
     garbage.write_bytes(b"\x00\x01garbage")
     assert main(["run", "data.dataset=file", f"data.path={garbage}", "--out", str(tmp_path / "o")]) == 2

@@ -86,3 +86,30 @@ def test_subsampling_is_seeded() -> None:
     a, b = load_splits(cfg, seed=1), load_splits(cfg, seed=1)
     assert len(a.train) == 500 and len(a.test) == 100
     assert a.train["text"].tolist() == b.train["text"].tolist()
+
+
+def test_hugging_face_datasets_path_with_a_local_dataset_folder(tmp_path: Path) -> None:
+    # `datasets.load_dataset(folder)` is the same call that loads a Hub dataset by name
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    pd.DataFrame({"text": [f"a{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}).to_csv(
+        folder / "train.csv", index=False
+    )
+    pd.DataFrame({"text": ["b1", "b2", "b3"], "label": [0, 1, 1]}).to_csv(folder / "test.csv", index=False)
+    splits = load_splits(DataConfig(dataset=f"hf:{folder}"), seed=0)
+    assert (len(splits.train), len(splits.test)) == (20, 3)
+    assert splits.label_names == ["0", "1"]
+
+
+def test_numeric_labels_keep_numeric_order_and_pairs_load(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"a": ["x"] * 12, "b": ["y"] * 12, "label": [2, 10, 1] * 4})
+    frame.to_csv(tmp_path / "pairs.csv", index=False)
+    cfg = DataConfig(dataset="file", path=str(tmp_path / "pairs.csv"), text_column="a", text_pair_column="b")
+    splits = load_splits(cfg, seed=0)
+    assert splits.label_names == ["1", "2", "10"]
+    assert set(splits.train["text_pair"]) == {"y"}
+    from pf2lora.data.text import tokenize
+    from pf2lora.models import load_tokenizer
+
+    batch = tokenize(splits.train, load_tokenizer("bundled"), 16).batch([0, 1])
+    assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 1, 1]  # [CLS] x [SEP] y [SEP]

@@ -36,6 +36,7 @@ class ModelConfig:
     name: str = _help("'bundled' (all-MiniLM-L6-v2, offline), a Hub model id or a local path", "bundled")
     max_length: int = _help("maximum tokens per example (longer inputs are truncated)", 64)
     dropout: float | None = _help("override the model's hidden/attention dropout; None keeps it", None)
+    device: str = _help("auto (a GPU when there is one) | cpu | cuda | cuda:N", "auto")
 
 
 @dataclass
@@ -110,6 +111,10 @@ class ExperimentConfig:
         _check(self.engine == "local", f"unknown engine {self.engine!r} (choose from local)")
         m, d, lo, t = self.model, self.data, self.lora, self.train
         _check(m.max_length >= 8, f"model.max_length must be >= 8, got {m.max_length}")
+        _check(
+            m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:"),
+            f"model.device must be auto, cpu, cuda or cuda:N, got {m.device!r}",
+        )
         _check(m.dropout is None or 0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
         _check(d.num_clients >= 1, f"data.num_clients must be >= 1, got {d.num_clients}")
         _check(

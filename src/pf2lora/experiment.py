@@ -37,14 +37,24 @@ class Prepared:
     data: FederatedData
 
     def base_model(self) -> torch.nn.Module:
-        """The pretrained model with a head seeded identically for every method."""
+        """The pretrained model with a head seeded identically for every method, on its device."""
         torch.manual_seed(stable_seed(self.cfg.seed, "head"))
-        return load_classifier(self.cfg.model.name, self.data.num_labels, self.cfg.model.dropout)
+        model = load_classifier(self.cfg.model.name, self.data.num_labels, self.cfg.model.dropout)
+        return model.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        name = self.cfg.model.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(name)
 
 
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Load and partition the data and check the model, raising ConfigError on any bad input."""
     cfg.validate()
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={cfg.model.device} but torch sees no CUDA device")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     tokenizer = load_tokenizer(cfg.model.name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
 from pf2lora.adapters.two_level import TwoLevelModel
@@ -19,13 +17,13 @@ _METHODS = {
 
 
 def build_algorithm(
-    name: str, cfg: ExperimentConfig, base: nn.Module | Callable[[], nn.Module]
+    name: str, cfg: ExperimentConfig, base: nn.Module
 ) -> tuple[ServerAlgorithm, ClientAlgorithm, TwoLevelModel]:
     """Wrap ``base`` with the adapters method ``name`` needs; return its server and client parts."""
     server_cls, client_cls, personal = _METHODS[name]
     lo = cfg.lora
     model = TwoLevelModel(
-        base() if callable(base) and not isinstance(base, nn.Module) else base,
+        base,
         lo.target_modules,
         rank=lo.rank,
         lora_alpha=lo.lora_alpha,

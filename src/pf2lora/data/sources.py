@@ -168,7 +168,11 @@ def load_splits(cfg: DataConfig, seed: int) -> TextSplits:
     test = _subsample(test, cfg.max_test_examples, seed + 1)
     if len(train) == 0:
         raise ConfigError(f"dataset {name} has no training examples")
-    values = sorted(pd.concat([train["label"], test["label"]]).unique().tolist(), key=str)
+    values = pd.concat([train["label"], test["label"]]).unique().tolist()
+    try:
+        values = sorted(values)  # numeric labels keep their numeric order
+    except TypeError:
+        values = sorted(values, key=str)
     if len(values) < 2:
         raise ConfigError(f"dataset {name} has a single label value {values[0]!r}: nothing to classify")
     index = {v: i for i, v in enumerate(values)}
