@@ -33,6 +33,9 @@ TINY = [
         (["data.num_clients=100", "data.max_examples=50"], "num_clients (100) is larger than the number of training"),
         (["data.dataset=file", "data.path=/nonexistent/x.csv"], "does not exist"),
         (["model.name=/nonexistent/model"], "cannot load model"),
+        (["algorithm=hetlora", "hetlora.r_min=13"], "hetlora.r_min (13) must not exceed hetlora.r_max (12)"),
+        (["algorithm=hetlora", "hetlora.ranks=[8,9,10]"], "hetlora.ranks has 3 entries for 2 clients"),
+        (["algorithm=hetlora", "hetlora.gamma=1.2"], "hetlora.gamma must be in (0, 1]"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(overrides, message, tmp_path: Path, capsys) -> None:
@@ -90,9 +93,13 @@ def test_exit_status_from_a_real_process(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_small_real_run_writes_the_run_directory(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["run", "configs/default.yaml", *TINY, "train.eval_every=1", "--out", str(out), "--quiet"]) == 0
+    algorithms = "algorithms=[pf2lora,homlora,hetlora]"
+    assert (
+        main(["run", "configs/default.yaml", *TINY, algorithms, "train.eval_every=1", "--out", str(out), "--quiet"])
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["pf2lora", "homlora"]
+    assert list(results) == ["pf2lora", "homlora", "hetlora"]
     for method in results.values():
         assert set(method["clients"]) == {"0", "1"}
         assert set(method["mean"]) >= {"accuracy", "mcc", "macro_f1"}
@@ -104,7 +111,8 @@ def test_small_real_run_writes_the_run_directory(tmp_path: Path) -> None:
         == results["homlora"]["communicated_parameters_per_client_round"]
     )
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["algorithm"], r["round"]) for r in lines] == [("pf2lora", 1), ("homlora", 1)]
+    assert [(r["algorithm"], r["round"]) for r in lines] == [("pf2lora", 1), ("homlora", 1), ("hetlora", 1)]
+    assert [lines[2]["clients"][c]["rank"] for c in ("0", "1")] == [8, 10]  # HETLoRA's ranks, r_min..r_max
     assert set(lines[0]["clients"]["0"]) >= {"train_loss", "bytes_sent", "bytes_received"}
     assert "effective_rank" in lines[0] and "eval" in lines[0]
     for name in (

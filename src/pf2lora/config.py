@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-ALGORITHMS = ("pf2lora", "homlora")
+ALGORITHMS = ("pf2lora", "homlora", "hetlora")
 HYPERGRADIENTS = ("exact", "finite_difference", "first_order", "joint")
 PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid")
 
@@ -74,6 +74,15 @@ class LoRAConfig:
 
 
 @dataclass
+class HetLoRAConfig:
+    r_min: int = _help("smallest rank a client may have (pruning floor)", 8)
+    r_max: int = _help("rank of the server's global adapter", 12)
+    ranks: list[int] | None = _help("explicit initial rank per client (default: the r_min..r_max formula)", None)
+    gamma: float = _help("sparsity factor: the tail starts at q = ceil(gamma r_k)", 0.99)
+    penalty: float = _help("lambda of the self-pruning term sum ||B[:, q:]||_F ||A[q:, :]||_F", 5e-3)
+
+
+@dataclass
 class TrainConfig:
     rounds: int = _help("communication rounds R", 10)
     local_steps: int = _help("local steps I between two averagings", 10)
@@ -102,6 +111,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
 
     def validate(self) -> ExperimentConfig:
         """Check every value that can be checked before loading data or a model."""
@@ -152,6 +162,18 @@ class ExperimentConfig:
         _check(0 < t.client_fraction <= 1, f"train.client_fraction must be in (0, 1], got {t.client_fraction}")
         _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
         _check(t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}")
+        het = self.hetlora
+        _check(het.r_min >= 1, f"hetlora.r_min must be >= 1, got {het.r_min}")
+        _check(het.r_min <= het.r_max, f"hetlora.r_min ({het.r_min}) must not exceed hetlora.r_max ({het.r_max})")
+        _check(0 < het.gamma <= 1, f"hetlora.gamma must be in (0, 1], got {het.gamma}")
+        _check(het.penalty >= 0, f"hetlora.penalty must be >= 0, got {het.penalty}")
+        if het.ranks is not None:
+            _check(
+                len(het.ranks) == d.num_clients,
+                f"hetlora.ranks has {len(het.ranks)} entries for {d.num_clients} clients",
+            )
+            bad = [r for r in het.ranks if not het.r_min <= r <= het.r_max]
+            _check(not bad, f"hetlora.ranks {bad} outside [r_min, r_max] = [{het.r_min}, {het.r_max}]")
         return self
 
     def to_dict(self) -> dict[str, Any]:

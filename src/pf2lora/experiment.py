@@ -109,9 +109,10 @@ def run_experiment(
             }
             _save_checkpoint(out / "checkpoints" / name, server.global_params, engine.states)
             exporter = PeftExporter(prepared.base_model(), model.layout, cfg.lora.target_modules)
-            for cid in range(cfg.data.num_clients):
-                personal = engine.states[cid].get("personal", {}) if cid in engine.states else {}
-                exporter.save({**server.global_params, **personal}, out / "adapters" / name / f"client{cid}")
+            final = server.configure_evaluate(cfg.train.rounds, engine.client_ids)
+            for cid, instruction in final.items():
+                personal = engine.state(cid).get("personal", {})
+                exporter.save({**instruction.params, **personal}, out / "adapters" / name / f"client{cid}")
             del engine, server, client, model, exporter
     (out / "results.json").write_text(json.dumps(results, indent=2))
     from pf2lora.plots import plot_run  # matplotlib only when writing plots

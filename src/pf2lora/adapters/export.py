@@ -35,6 +35,9 @@ class PeftExporter:
         lo, out = self.layout, {}
         for m in lo.modules:
             a, b = params[f"{m}.lora_A.{COMMON}.weight"], lo.scaling * params[f"{m}.lora_B.{COMMON}.weight"]
+            if a.shape[0] < lo.rank:  # a truncated (HETLoRA) client: zero-padding changes no output
+                a = torch.cat([a, a.new_zeros(lo.rank - a.shape[0], a.shape[1])], 0)
+                b = torch.cat([b, b.new_zeros(b.shape[0], lo.rank - b.shape[1])], 1)
             if lo.personal_rank:
                 a = torch.cat([a, params[f"{m}.lora_A.{PERSONAL}.weight"]], dim=0)
                 d = lo.personal_scaling * params[f"{m}.lora_B.{PERSONAL}.weight"]

@@ -6,6 +6,7 @@ from torch import nn
 
 from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.algorithms.base import ClientAlgorithm, ServerAlgorithm
+from pf2lora.algorithms.hetlora import HetLoRAClient, HetLoRAServer, initial_ranks
 from pf2lora.algorithms.homlora import HomLoRAClient, HomLoRAServer
 from pf2lora.algorithms.pf2lora import PF2LoRAClient, PF2LoRAServer
 from pf2lora.config import ExperimentConfig
@@ -20,8 +21,15 @@ def build_algorithm(
     name: str, cfg: ExperimentConfig, base: nn.Module
 ) -> tuple[ServerAlgorithm, ClientAlgorithm, TwoLevelModel]:
     """Wrap ``base`` with the adapters method ``name`` needs; return its server and client parts."""
+    lo, t = cfg.lora, cfg.train
+    if name == "hetlora":
+        het = cfg.hetlora
+        scaling = lo.lora_alpha / lo.rank  # every client's scaling, whatever its rank
+        model = TwoLevelModel(base, lo.target_modules, rank=het.r_max, lora_alpha=scaling * het.r_max)
+        ranks = initial_ranks(cfg.data.num_clients, het.r_min, het.r_max, het.ranks)
+        server = HetLoRAServer(model.initial_common(), model.layout, ranks, t.client_fraction, cfg.seed)
+        return server, HetLoRAClient(model, t, het, cfg.seed), model
     server_cls, client_cls, personal = _METHODS[name]
-    lo = cfg.lora
     model = TwoLevelModel(
         base,
         lo.target_modules,
@@ -31,7 +39,6 @@ def build_algorithm(
         personal_lora_alpha=lo.personal_lora_alpha,
         head=lo.head,
     )
-    t = cfg.train
     server = server_cls(model.initial_common(), t.aggregation, t.client_fraction, cfg.seed)
     client = client_cls(model, t, cfg.seed)
     return server, client, model

@@ -1,0 +1,173 @@
+"""HETLoRA (Cho et al. 2024, arXiv 2401.06432, as described in PF2LoRA's Section 3): heterogeneous
+ranks, distribution by truncation, self-pruning, sparsity-weighted aggregation.
+
+- Initial ranks ``r_k = r_min + floor((r_max - r_min) (k - 1) / M)``, k = 1..M, or a given list.
+- The server holds A (r_max x n) and B (m x r_max) per module; client k gets ``A[:r_k]``,
+  ``B[:, :r_k]`` (and the shared head).
+- Local AdamW on ``F_k + lambda * sum_modules ||B[:, q:]||_F ||A[q:, :]||_F``, q = ceil(gamma r_k)
+  (a differentiable term). After local training, if that tail norm fell below its value at
+  receipt, the client prunes: ``r_k <- max(r_min, q)``, and sends ``A[:r_k]``, ``B[:, :r_k]``.
+- The server zero-pads every reply to r_max and averages with
+  ``p_k = ||dW_k||_F / sum_j ||dW_j||_F``, ``dW_k = B_k A_k`` over all modules:
+  ``A <- sum_k p_k A_k``, ``B <- sum_k p_k B_k`` (the old global adapter is not added back in).
+  The head is averaged uniformly. The scaling of every client is the same (lora_alpha / rank of
+  the config), so truncation does not rescale what a client learned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from pf2lora.adapters.two_level import COMMON, AdapterLayout
+from pf2lora.algorithms.base import (
+    ClientData,
+    ClientState,
+    Instruction,
+    Params,
+    ServerAlgorithm,
+    TrainResult,
+)
+from pf2lora.algorithms.fedavg import sample_clients
+from pf2lora.algorithms.lora_client import LoRAClient
+from pf2lora.config import HetLoRAConfig, TrainConfig
+from pf2lora.utils import clone_params, weighted_average
+
+
+def initial_ranks(num_clients: int, r_min: int, r_max: int, ranks: list[int] | None = None) -> list[int]:
+    """``r_k = r_min + floor((r_max - r_min)(k - 1) / M)`` for k = 1..M, unless given."""
+    if ranks is not None:
+        return list(ranks)
+    return [r_min + (r_max - r_min) * (k - 1) // num_clients for k in range(1, num_clients + 1)]
+
+
+def truncate(params: Params, rank: int) -> Params:
+    """First ``rank`` rows of every ``lora_A`` and columns of every ``lora_B``; other tensors as is."""
+    out = {}
+    for name, value in params.items():
+        if ".lora_A." in name:
+            out[name] = value[:rank].clone()
+        elif ".lora_B." in name:
+            out[name] = value[:, :rank].clone()
+        else:
+            out[name] = value.clone()
+    return out
+
+
+def pad(params: Params, rank: int) -> Params:
+    """Zero-pad every ``lora_A`` to ``rank`` rows and ``lora_B`` to ``rank`` columns."""
+    out = {}
+    for name, value in params.items():
+        if ".lora_A." in name:
+            out[name] = torch.cat([value, value.new_zeros(rank - value.shape[0], value.shape[1])], 0)
+        elif ".lora_B." in name:
+            out[name] = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1])], 1)
+        else:
+            out[name] = value
+    return out
+
+
+def tail_norm(params: Params, modules: tuple[str, ...], q: int) -> Tensor:
+    """``sum_modules ||B[:, q:]||_F ||A[q:, :]||_F`` (differentiable)."""
+    total = params[f"{modules[0]}.lora_A.{COMMON}.weight"].new_zeros(())
+    for m in modules:
+        a, b = params[f"{m}.lora_A.{COMMON}.weight"], params[f"{m}.lora_B.{COMMON}.weight"]
+        total = total + torch.linalg.norm(b[:, q:]) * torch.linalg.norm(a[q:, :])
+    return total
+
+
+def update_norm(params: Params, layout: AdapterLayout) -> float:
+    """``||dW_k||_F`` over all modules: the norm of the concatenation of every ``B_k A_k``."""
+    total = 0.0
+    for m in layout.modules:
+        a, b = params[f"{m}.lora_A.{COMMON}.weight"], params[f"{m}.lora_B.{COMMON}.weight"]
+        total += float(torch.linalg.norm(b.double() @ a.double()) ** 2)
+    return math.sqrt(total)
+
+
+class HetLoRAServer(ServerAlgorithm):
+    """Global adapter of rank r_max; a payload of its own rank for every client."""
+
+    def __init__(
+        self,
+        initial: Params,
+        layout: AdapterLayout,
+        ranks: list[int],
+        client_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self._params = clone_params(initial)
+        self.layout = layout
+        self.r_max = layout.rank
+        self.ranks = dict(enumerate(ranks))
+        self.client_fraction, self.seed = client_fraction, seed
+
+    @property
+    def global_params(self) -> Params:
+        return self._params
+
+    def _instruction(self, cid: int, server_round: int) -> Instruction:
+        rank = self.ranks[cid]
+        return Instruction(truncate(self._params, rank), {"server_round": server_round, "rank": rank})
+
+    def configure_train(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]:
+        chosen = sample_clients(client_ids, self.client_fraction, self.seed, "clients", server_round)
+        return {cid: self._instruction(cid, server_round) for cid in chosen}
+
+    def aggregate_train(self, server_round: int, results: dict[int, TrainResult]) -> None:
+        if not results:
+            return
+        cids = sorted(results)
+        for cid in cids:
+            self.ranks[cid] = int(results[cid].metrics["rank"])
+        padded = [pad(results[c].params, self.r_max) for c in cids]
+        norms = [update_norm(results[c].params, self.layout) for c in cids]
+        weights = norms if sum(norms) > 0 else [1.0] * len(cids)
+        lora = {k for k in padded[0] if ".lora_" in k}
+        merged = weighted_average([{k: p[k] for k in lora} for p in padded], weights)
+        heads = weighted_average([{k: p[k] for k in p if k not in lora} for p in padded], [1.0] * len(cids))
+        self._params = {**merged, **heads}
+
+    def configure_evaluate(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]:
+        return {cid: self._instruction(cid, server_round) for cid in client_ids}
+
+
+class HetLoRAClient(LoRAClient):
+    """Local AdamW with the self-pruning penalty, then the pruning rule."""
+
+    def __init__(self, model, train: TrainConfig, het: HetLoRAConfig, seed: int = 0) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(model, train, seed)
+        self.het = het
+
+    def train(
+        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+    ) -> tuple[TrainResult, ClientState]:
+        self.seed_round(client_id, instruction)
+        self.model.train(True)
+        rank = int(instruction.config["rank"])
+        q = math.ceil(self.het.gamma * rank)
+        modules = self.model.layout.modules
+        x = self.leaves(instruction.params)
+        if state.get("rank") not in (None, rank):
+            state = {**state, "optimizer": None}  # moments of another shape: start afresh
+        opt = self.optimizer(x, state)
+        with torch.no_grad():
+            tail_at_receipt = float(tail_norm(x, modules, q))
+        losses = []
+        for _ in range(self.cfg.local_steps):
+            batch = self.next_batch(client_id, state, data, self.cfg.batch_size)
+            loss = self.model.loss(x, batch)
+            (loss + self.het.penalty * tail_norm(x, modules, q)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        with torch.no_grad():
+            tail_after = float(tail_norm(x, modules, q))
+        new_rank = max(self.het.r_min, q) if tail_after < tail_at_receipt else rank
+        new_rank = min(new_rank, rank)
+        params = truncate(clone_params(x), new_rank)
+        state = {**state, "optimizer": opt.state_dict(), "rank": rank}
+        metrics = {"train_loss": sum(losses) / len(losses), "rank": new_rank, "tail_norm": tail_after}
+        return TrainResult(params, len(data), metrics), state
