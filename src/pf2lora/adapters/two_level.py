@@ -163,11 +163,11 @@ class TwoLevelModel:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return functional_call(self.model, params, args=(), kwargs=inputs, strict=False).logits
 
-    def loss(self, params: Params, batch: Batch) -> Tensor:
+    def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor:
         logits = self.logits(params, batch)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the loss in full precision
-        return nn.functional.cross_entropy(logits, batch["labels"])
+        return nn.functional.cross_entropy(logits, batch["labels"], reduction=reduction)
 
 
 def kaiming_uniform(shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> Tensor:

@@ -11,15 +11,43 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from pf2lora.adapters.two_level import AdapterLayout
+
 Params = dict[str, Tensor]
 Batch = Mapping[str, Tensor]
 ClientState = dict[str, Any]
+
+
+class AdapterModel(Protocol):
+    """A frozen model evaluated at the adapter tensors passed in by name (see TwoLevelModel).
+
+    The algorithms need nothing else of a model, so the same code trains a transformer with
+    PEFT adapters and the linear model of the synthetic experiment.
+    """
+
+    layout: AdapterLayout
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor: ...
+
+    def logits(self, params: Params, batch: Batch) -> Tensor: ...
+
+    def initial_common(self) -> Params: ...
+
+    def initial_personal(self, generator: torch.Generator) -> Params: ...
+
+    def twice_differentiable(self) -> AbstractContextManager[Any]: ...
 
 
 class ClientData(Protocol):

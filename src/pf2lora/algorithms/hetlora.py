@@ -23,6 +23,7 @@ from torch import Tensor
 
 from pf2lora.adapters.two_level import COMMON, AdapterLayout
 from pf2lora.algorithms.base import (
+    AdapterModel,
     ClientData,
     ClientState,
     Instruction,
@@ -137,7 +138,7 @@ class HetLoRAServer(ServerAlgorithm):
 class HetLoRAClient(LoRAClient):
     """Local AdamW with the self-pruning penalty, then the pruning rule."""
 
-    def __init__(self, model, train: TrainConfig, het: HetLoRAConfig, seed: int = 0) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, model: AdapterModel, train: TrainConfig, het: HetLoRAConfig, seed: int = 0) -> None:
         super().__init__(model, train, seed)
         self.het = het
 

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from pf2lora.adapters.rank import effective_ranks
-from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.algorithms.base import (
+    AdapterModel,
     ClientAlgorithm,
     ClientData,
     ClientState,
@@ -23,7 +23,7 @@ from pf2lora.utils import stable_seed
 class LoRAClient(ClientAlgorithm):
     """Base of the LoRA clients. Subclasses implement ``train``."""
 
-    def __init__(self, model: TwoLevelModel, train: TrainConfig, seed: int = 0) -> None:
+    def __init__(self, model: AdapterModel, train: TrainConfig, seed: int = 0) -> None:
         self.model = model
         self.cfg = train
         self.seed = seed
@@ -64,9 +64,9 @@ class LoRAClient(ClientAlgorithm):
         size = self.cfg.eval_batch_size
         for start in range(0, len(data), size):
             batch = data.batch(list(range(start, min(start + size, len(data)))), self.model.device)
-            out = self.model.logits(params, batch).float()
-            total += torch.nn.functional.cross_entropy(out, batch["labels"], reduction="sum").item()
-            logits.append(out.cpu())
+            out = self.model.logits(params, batch)
+            total += self.model.loss(params, batch, reduction="sum").item()
+            logits.append(out.float().cpu())
             labels.append(batch["labels"].cpu())
         return Prediction(torch.cat(logits), torch.cat(labels), total / max(len(data), 1))
 
