@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import tiny_two_level
+from safetensors.torch import load, save
 
 from pf2lora.algorithms.base import Instruction, TrainResult
 from pf2lora.algorithms.fedavg import FedAvgServer, sample_clients
@@ -70,8 +71,28 @@ def test_pf2lora_rounds_keep_personal_state_per_client() -> None:
 def test_homlora_evaluates_the_global_model_and_sends_all_it_trains() -> None:
     engine, metrics, _, records = _run("homlora")
     assert all(state.get("personal", {}) == {} for state in engine.states.values())
-    x_bytes = sum(t.numel() * t.element_size() for t in engine.server.global_params.values())
-    assert records[-1]["clients"][1]["bytes_sent"] == x_bytes
+    raw = sum(t.numel() * t.element_size() for t in engine.server.global_params.values())
+    sent = records[-1]["clients"][1]["bytes_sent"]  # the safetensors payload: tensors + a name header
+    assert raw < sent < raw + 200 * len(engine.server.global_params)
+    restored = load(save(engine.server.global_params))
+    assert sent == len(save(engine.server.global_params)) and set(restored) == set(engine.server.global_params)
+
+
+def test_client_states_on_disk_give_the_same_run(tmp_path) -> None:
+    model = tiny_two_level(dropout=0.1)
+    cfg = TrainConfig(local_steps=2, batch_size=4, lower_lr=0.5)
+    data = _clients()
+    runs = []
+    for state_dir in (None, tmp_path / "states"):
+        engine = LocalEngine(
+            PF2LoRAServer(model.initial_common()), PF2LoRAClient(model, cfg, seed=5), data, data, state_dir=state_dir
+        )
+        engine.run(2)
+        runs.append(engine)
+    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["client0.pt", "client1.pt", "client2.pt"]
+    for cid in range(3):
+        for name, tensor in runs[0].states[cid]["personal"].items():
+            torch.testing.assert_close(runs[1].states[cid]["personal"][name], tensor, rtol=0, atol=0)
 
 
 def test_same_seed_same_result() -> None:

@@ -28,7 +28,9 @@ def test_adapted_layer_computes_base_plus_both_levels() -> None:
     c, d = params[f"{module_path}.lora_A.personal.weight"], params[f"{module_path}.lora_B.personal.weight"]
     w0, bias = layer.base_layer.weight, layer.base_layer.bias
     # Execute
-    sub = {k[len(module_path) + 1 :]: v for k, v in params.items() if k.startswith(module_path + ".")}
+    peft = model.peft_params(params)  # the fused PEFT adapter [A ; C], [s B | s~ D]
+    sub = {k[len(module_path) + 1 :]: v for k, v in peft.items() if k.startswith(module_path + ".")}
+    assert sub["lora_A.default.weight"].shape == (6, 16)  # rank r + r~, one branch
     out = torch.func.functional_call(layer, sub, (u,))
     # Assert: s = 8/4 = 2, s~ = 4/2 = 2
     expected = u @ w0.T + bias + 2.0 * u @ a.T @ b.T + 2.0 * u @ c.T @ d.T

@@ -99,6 +99,7 @@ class TrainConfig:
     eval_every: int = _help("evaluate every N rounds (0: only after the last round)", 0)
     eval_batch_size: int = _help("batch size for evaluation", 64)
     threads: int | None = _help("torch CPU threads (None: torch's default)", None)
+    client_state: str = _help("memory | disk: where the engine keeps clients' personal state", "memory")
 
 
 @dataclass
@@ -162,6 +163,9 @@ class ExperimentConfig:
         _check(0 < t.client_fraction <= 1, f"train.client_fraction must be in (0, 1], got {t.client_fraction}")
         _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
         _check(t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}")
+        _check(
+            t.client_state in ("memory", "disk"), f"train.client_state must be memory or disk, got {t.client_state!r}"
+        )
         het = self.hetlora
         _check(het.r_min >= 1, f"hetlora.r_min must be >= 1, got {het.r_min}")
         _check(het.r_min <= het.r_max, f"hetlora.r_min ({het.r_min}) must not exceed hetlora.r_max ({het.r_max})")

@@ -89,7 +89,9 @@ def run_experiment(
             started = time.perf_counter()
             server, client, model = build_algorithm(name, cfg, prepared.base_model())
             steps = cfg.train.rounds * max(1, round(cfg.train.client_fraction * cfg.data.num_clients))
-            engine = LocalEngine(server, client, data.train, data.test, progress(name, steps) if progress else None)
+            state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
+            on_step = progress(name, steps) if progress else None
+            engine = LocalEngine(server, client, data.train, data.test, on_step, state_dir)
 
             def write(record: dict[str, Any], name: str = name) -> None:
                 metrics_file.write(json.dumps({"algorithm": name, **_jsonable(record)}) + "\n")

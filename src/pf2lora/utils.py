@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 
 import torch
+from safetensors.torch import save
 from torch import Tensor
 
 
@@ -39,8 +40,13 @@ def weighted_average(dicts: Iterable[Mapping[str, Tensor]], weights: Iterable[fl
 
 
 def num_bytes(params: Mapping[str, Tensor]) -> int:
-    """Bytes of the tensor payload (element count times element size)."""
+    """Bytes of the tensors alone (element count times element size)."""
     return sum(t.numel() * t.element_size() for t in params.values())
+
+
+def payload_bytes(params: Mapping[str, Tensor]) -> int:
+    """Bytes of the payload as it travels: the name-keyed safetensors serialization."""
+    return len(save({k: v.detach().contiguous().cpu() for k, v in params.items()}))
 
 
 def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:

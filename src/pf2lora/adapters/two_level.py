@@ -1,13 +1,19 @@
 """Two-level LoRA on PEFT: ``W0 u + s B A u + s~ D_k C_k u`` (PF2LoRA, arXiv 2503.03920, Sec. 4).
 
-Built on PEFT rather than a layer of our own: the common adapter is PEFT adapter ``common`` and
-the personal one is adapter ``personal``, both active at once (PEFT's LoRA forward sums every
-active adapter, each with its own scaling alpha/r). The bilevel step needs the loss at several
-values of (x, y) — y_t, y_{t+1}, y_t + eps v, and in ``exact`` mode y_{t+1} as a differentiable
-function of x — so the model is never trained through its own ``nn.Parameter`` s: every parameter
-of the adapters and the head is frozen inside the module, and the tensors to use are passed in
-by name with :func:`torch.func.functional_call`. One frozen copy of the base model then serves
-every client; a client's state is just its tensors.
+Built on PEFT rather than a layer of our own, with one PEFT LoRA adapter per target module that
+carries both levels: ``s B A + s~ D C = [s B | s~ D] [A ; C]``, so the adapter has rank r + r~ and
+scaling 1, and its factors are assembled from the client's A, B, C, D inside autograd (each gets
+its own gradient). Two PEFT adapters active at once compute the same sum, but the second branch
+reads every layer's input again for a rank-r~ product; fusing them makes a PF2LoRA pass cost what
+a HOMLoRA pass costs (measured in ``benchmarks/``). Without a personal level (HOMLoRA, HETLoRA)
+the adapter is plain PEFT LoRA of rank r and scaling alpha / r.
+
+The bilevel step needs the loss at several values of (x, y): y_t, y_{t+1}, y_t + eps v, and in
+``exact`` mode y_{t+1} as a differentiable function of x. So the model is never trained through
+its own ``nn.Parameter`` s: every parameter is frozen inside the module, and the tensors to use
+are passed in by name with :func:`torch.func.functional_call`. One frozen copy of the base model
+serves every client; a client's state is just its tensors, named
+``<module>.lora_{A,B}.{common,personal}.weight`` and the head's own names.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pf2lora.config import ConfigError
 Params = dict[str, Tensor]
 Batch = Mapping[str, Tensor]
 
-COMMON, PERSONAL = "common", "personal"
+COMMON, PERSONAL = "common", "personal"  # the two levels' names in a client's tensors
 _HEAD_CANDIDATES = ("classifier", "score")
 
 
@@ -105,14 +111,11 @@ class TwoLevelModel:
     ) -> None:
         modules = find_target_modules(base, target_modules)  # clear error before PEFT's own
         head_names = find_head(base)
-        config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=target_modules, lora_dropout=0.0)
-        self.model = get_peft_model(base, config, adapter_name=COMMON)
-        if personal_rank:
-            personal = LoraConfig(
-                r=personal_rank, lora_alpha=personal_lora_alpha, target_modules=target_modules, lora_dropout=0.0
-            )
-            self.model.add_adapter(PERSONAL, personal)
-            self.model.base_model.set_adapter([COMMON, PERSONAL])
+        if personal_rank:  # one fused adapter [A ; C], [s B | s~ D] of rank r + r~, scaling 1
+            config = LoraConfig(r=rank + personal_rank, lora_alpha=rank + personal_rank, target_modules=target_modules)
+        else:
+            config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=target_modules)
+        self.model = get_peft_model(base, config)
         prefix = "base_model.model."
         self.layout = AdapterLayout(
             modules=tuple(prefix + m for m in modules),
@@ -125,10 +128,29 @@ class TwoLevelModel:
         )
         for p in self.model.parameters():
             p.requires_grad_(False)
-        keep = set(self.layout.lora_names(COMMON)) | set(self.layout.head_names)
-        if personal_rank:
-            keep |= set(self.layout.lora_names(PERSONAL))
-        self._initial = {n: t.detach().clone() for n, t in self.model.named_parameters() if n in keep}
+        named = dict(self.model.named_parameters())
+        self._initial = {n: named[n].detach().clone() for n in self.layout.head_names}
+        for m in self.layout.modules:  # PEFT's init: A Kaiming-uniform, B zero
+            self._initial[f"{m}.lora_A.{COMMON}.weight"] = named[f"{m}.lora_A.default.weight"][:rank].detach().clone()
+            self._initial[f"{m}.lora_B.{COMMON}.weight"] = (
+                named[f"{m}.lora_B.default.weight"][:, :rank].detach().clone()
+            )
+            if personal_rank:
+                a, b = named[f"{m}.lora_A.default.weight"], named[f"{m}.lora_B.default.weight"]
+                self._initial[f"{m}.lora_A.{PERSONAL}.weight"] = a[rank:].detach().clone()
+                self._initial[f"{m}.lora_B.{PERSONAL}.weight"] = b[:, rank:].detach().clone()
+
+    def peft_params(self, params: Params) -> Params:
+        """The PEFT module's tensors (``lora_A.default`` ...) assembled from a client's A, B, C, D."""
+        lo = self.layout
+        out = {n: params[n] for n in lo.head_names}
+        for m in lo.modules:
+            a, b = params[f"{m}.lora_A.{COMMON}.weight"], params[f"{m}.lora_B.{COMMON}.weight"]
+            if lo.personal_rank:
+                a = torch.cat([a, params[f"{m}.lora_A.{PERSONAL}.weight"]], 0)
+                b = torch.cat([lo.scaling * b, lo.personal_scaling * params[f"{m}.lora_B.{PERSONAL}.weight"]], 1)
+            out[f"{m}.lora_A.default.weight"], out[f"{m}.lora_B.default.weight"] = a, b
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -161,7 +183,7 @@ class TwoLevelModel:
 
     def logits(self, params: Params, batch: Batch) -> Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return functional_call(self.model, params, args=(), kwargs=inputs, strict=False).logits
+        return functional_call(self.model, self.peft_params(params), args=(), kwargs=inputs, strict=False).logits
 
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor:
         logits = self.logits(params, batch)

@@ -62,14 +62,13 @@ class PF2LoRAClient(LoRAClient):
         b, losses = self.cfg.batch_size, []
         for _ in range(self.cfg.local_steps):
             mode = self.cfg.hypergradient
-            count = b if mode == "joint" else 3 * b if self.cfg.independent_mixed_batch else 2 * b
-            both = self.next_batch(client_id, state, data, count)
-            pi = {k: v[:b] for k, v in both.items()}
-            xi = {k: v[b : 2 * b] for k, v in both.items()}
-            zeta = {k: v[2 * b :] for k, v in both.items()} if self.cfg.independent_mixed_batch else None
+            # pi, xi (and zeta) are consecutive draws, each padded only to its own longest example
+            pi = self.next_batch(client_id, state, data, b)
             if mode == "joint":
                 loss, h, y = self.joint_step(x, y, pi)
             else:
+                xi = self.next_batch(client_id, state, data, b)
+                zeta = self.next_batch(client_id, state, data, b) if self.cfg.independent_mixed_batch else None
                 loss, h, y = self.bilevel_step(x, y, pi, xi, zeta, mode)
             for k, leaf in x.items():
                 leaf.grad = h[k]

@@ -8,15 +8,48 @@ never know they run in one process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ClientState, ServerAlgorithm
 from pf2lora.metrics import classification_metrics
-from pf2lora.utils import num_bytes
+from pf2lora.utils import payload_bytes
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
+
+
+class DiskStates(MutableMapping[int, ClientState]):
+    """Client states in files (one ``torch.save`` per client), so memory holds one at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, cid: int) -> Path:
+        return self.folder / f"client{cid}.pt"
+
+    def __getitem__(self, cid: int) -> ClientState:
+        if not self._path(cid).exists():
+            raise KeyError(cid)
+        return torch.load(self._path(cid), weights_only=False)
+
+    def __setitem__(self, cid: int, state: ClientState) -> None:
+        tmp = self._path(cid).with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self._path(cid))  # never a half-written state
+
+    def __delitem__(self, cid: int) -> None:
+        self._path(cid).unlink()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(int(p.stem[len("client") :]) for p in self.folder.glob("client*.pt")))
+
+    def __len__(self) -> int:
+        return len(list(self.folder.glob("client*.pt")))
 
 
 class LocalEngine:
@@ -27,10 +60,12 @@ class LocalEngine:
         train: Sequence[ClientData],
         test: Sequence[ClientData],
         on_step: Callable[[], None] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
+        """``state_dir``: keep client states on disk there instead of in memory."""
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
-        self.states: dict[int, ClientState] = {}
+        self.states: MutableMapping[int, ClientState] = DiskStates(state_dir) if state_dir else {}
         self.on_step = on_step or (lambda: None)
 
     @property
@@ -51,8 +86,8 @@ class LocalEngine:
             results[cid] = result
             clients[cid] = {
                 **result.metrics,
-                "bytes_received": num_bytes(instruction.params),
-                "bytes_sent": num_bytes(result.params),
+                "bytes_received": payload_bytes(instruction.params),
+                "bytes_sent": payload_bytes(result.params),
             }
             self.on_step()
         self.server.aggregate_train(server_round, results)
