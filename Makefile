@@ -29,6 +29,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"
 
+bench: install
+	$(BIN)/python -m benchmarks.run
+
 lint: install
 	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
 

@@ -20,7 +20,6 @@ from pf2lora.algorithms import build_algorithm
 from pf2lora.config import load_config
 from pf2lora.experiment import Prepared, prepare
 
-
 SEQUENCE_LENGTH = 64
 
 

@@ -8,48 +8,17 @@ never know they run in one process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ClientState, ServerAlgorithm
+from pf2lora.engines.states import DiskStates, PackedStates
 from pf2lora.metrics import classification_metrics
-from pf2lora.utils import payload_bytes
+from pf2lora.utils import payload_bytes, release_free_memory
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
-
-
-class DiskStates(MutableMapping[int, ClientState]):
-    """Client states in files (one ``torch.save`` per client), so memory holds one at a time."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, cid: int) -> Path:
-        return self.folder / f"client{cid}.pt"
-
-    def __getitem__(self, cid: int) -> ClientState:
-        if not self._path(cid).exists():
-            raise KeyError(cid)
-        return torch.load(self._path(cid), weights_only=False)
-
-    def __setitem__(self, cid: int, state: ClientState) -> None:
-        tmp = self._path(cid).with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self._path(cid))  # never a half-written state
-
-    def __delitem__(self, cid: int) -> None:
-        self._path(cid).unlink()
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted(int(p.stem[len("client") :]) for p in self.folder.glob("client*.pt")))
-
-    def __len__(self) -> int:
-        return len(list(self.folder.glob("client*.pt")))
 
 
 class LocalEngine:
@@ -65,7 +34,7 @@ class LocalEngine:
         """``state_dir``: keep client states on disk there instead of in memory."""
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
-        self.states: MutableMapping[int, ClientState] = DiskStates(state_dir) if state_dir else {}
+        self.states: MutableMapping[int, ClientState] = DiskStates(state_dir) if state_dir else PackedStates()
         self.on_step = on_step or (lambda: None)
 
     @property
@@ -91,6 +60,8 @@ class LocalEngine:
             }
             self.on_step()
         self.server.aggregate_train(server_round, results)
+        del results
+        release_free_memory()
         return {"round": server_round, "clients": clients}
 
     def evaluate(self, server_round: int) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]:

@@ -1,0 +1,121 @@
+"""`make bench`: every performance measurement, as ratios taken side by side in one run.
+
+Writes ``benchmarks/results.json`` and prints a table with each target. Memory and scale are
+measured in fresh processes (see ``memory.py`` and ``scale.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
+
+
+def _subprocess(module: str, *args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=ENV, cwd=HERE.parent, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def payload_sizes() -> dict[str, float]:
+    """Mean bytes per client per round, each way, of every method's serialized payload."""
+    from benchmarks.steps import setup
+    from pf2lora.algorithms import build_algorithm
+    from pf2lora.utils import payload_bytes
+
+    prepared = setup([])
+    sizes = {}
+    for method in ("pf2lora", "homlora", "hetlora"):
+        server, _, _ = build_algorithm(method, prepared.cfg, prepared.base_model())
+        ids = list(range(prepared.cfg.data.num_clients))
+        payloads = [payload_bytes(i.params) for i in server.configure_train(1, ids).values()]
+        sizes[method] = sum(payloads) / len(payloads)
+    return sizes
+
+
+def main() -> None:
+    from benchmarks.steps import hypergradient_agreement, step_times
+
+    repeats = int(os.environ.get("BENCH_REPEATS", "5"))
+    scale_sizes = [int(n) for n in os.environ.get("BENCH_CLIENTS", "10,100,1000").split(",")]
+    print("step times (interleaved)...", flush=True)
+    times = step_times(repeats=repeats, steps=8)
+    home = times["homlora"]
+    print("hypergradient agreement...", flush=True)
+    cosine = hypergradient_agreement()
+    print("peak step memory (fresh processes)...", flush=True)
+    memory = {
+        "homlora": _subprocess("benchmarks.memory", "homlora", "finite_difference"),
+        **{
+            f"pf2lora_{m}": _subprocess("benchmarks.memory", "pf2lora", m) for m in ("finite_difference", "first_order")
+        },
+    }
+    print("payload sizes...", flush=True)
+    payloads = payload_sizes()
+    scale = []
+    for n in scale_sizes:
+        for where in ("memory", "disk") if n == max(scale_sizes) else ("memory",):
+            print(f"scale: {n} clients, state in {where}...", flush=True)
+            scale.append(_subprocess("benchmarks.scale", str(n), where))
+    results = {
+        "setup": "all-MiniLM-L6-v2, LoRA r=8 / r~=2 on query+value, batch 16 x 64 tokens, 2 CPU threads",
+        "step_seconds": times,
+        "step_ratio_to_homlora": {k: v / home for k, v in times.items()},
+        "homlora_over_bare_peft": home / times["bare_peft"],
+        "cosine_finite_difference_exact": cosine,
+        "step_peak_memory_bytes": {k: v["step_peak_bytes"] for k, v in memory.items()},
+        "step_peak_memory_ratio_to_homlora": {
+            k: v["step_peak_bytes"] / memory["homlora"]["step_peak_bytes"] for k, v in memory.items()
+        },
+        "payload_bytes_per_client_round_each_way": payloads,
+        "scale": scale,
+    }
+    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(r: dict) -> None:
+    ratio, mem = r["step_ratio_to_homlora"], r["step_peak_memory_ratio_to_homlora"]
+    biggest = max(r["scale"], key=lambda s: (s["clients"], s["client_state"] == "memory"))
+    rows = [
+        ("PF2LoRA finite_difference step / HOMLoRA step", f"{ratio['pf2lora_finite_difference']:.2f}x", "<= 3.0x"),
+        ("PF2LoRA first_order step / HOMLoRA step", f"{ratio['pf2lora_first_order']:.2f}x", "<= 2.1x"),
+        ("PF2LoRA exact step / HOMLoRA step", f"{ratio['pf2lora_exact']:.2f}x", "reported"),
+        ("PF2LoRA joint step / HOMLoRA step", f"{ratio['pf2lora_joint']:.2f}x", "reported"),
+        ("HOMLoRA step / bare PyTorch+PEFT step", f"{r['homlora_over_bare_peft']:.2f}x", "<= 1.10x"),
+        ("cosine(finite_difference, exact)", f"{r['cosine_finite_difference_exact']:.7f}", ">= 0.999"),
+        ("PF2LoRA fd peak step memory / HOMLoRA", f"{mem['pf2lora_finite_difference']:.2f}x", "<= 1.3x"),
+        ("PF2LoRA first_order peak step memory / HOMLoRA", f"{mem['pf2lora_first_order']:.2f}x", "reported"),
+    ]
+    for method, size in r["payload_bytes_per_client_round_each_way"].items():
+        rows.append((f"{method} payload per client per round, each way", f"{size / 1024:.1f} KiB", "reported"))
+    for s in r["scale"]:
+        rows.append(
+            (
+                f"{s['clients']} clients (state in {s['client_state']}): RSS, s/round "
+                f"({s['clients_per_round']} trained)",
+                f"{s['rss_bytes'] / 2**30:.2f} GiB, {s['seconds_per_round']:.1f}s",
+                "<= 8 GiB" if s is biggest else "reported",
+            )
+        )
+        rows.append(
+            (
+                f"  memory per additional client / its state ({s['state_bytes_per_client'] / 1024:.0f} KiB)",
+                f"{s['memory_per_client_bytes'] / s['state_bytes_per_client']:.2f}x",
+                "<= 2x" if s["client_state"] == "memory" else "reported",
+            )
+        )
+    width = max(len(a) for a, _, _ in rows)
+    print(f"\n{'measurement'.ljust(width)}  {'measured':>22}  target")
+    for a, b, c in rows:
+        print(f"{a.ljust(width)}  {b:>22}  {c}")
+
+
+if __name__ == "__main__":
+    main()

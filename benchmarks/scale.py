@@ -1,0 +1,106 @@
+"""How far one machine scales: the in-process engine with N simulated PF2LoRA clients.
+
+One fresh process per N: every client trains once (one round, ``fraction`` of the clients per
+round until all have state), on the bundled model; reported are the seconds per round, the
+resident memory with every client's state held (in memory, or on disk when asked), and the
+memory each additional client costs next to the size of its state (personal adapter, AdamW
+moments, sampler cursor).
+
+    python -m benchmarks.scale 1000 [memory|disk]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.memory import _status, peak
+
+
+def trim() -> None:
+    """Hand freed heap back to the OS, so RSS counts live memory only (as the engine does)."""
+    import gc
+
+    from pf2lora.utils import release_free_memory
+
+    gc.collect()
+    release_free_memory()
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of the tensors in a client's state."""
+    import torch
+
+    total = 0
+    stack = [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def measure(clients: int, where: str = "memory", fraction: float = 1.0) -> dict[str, float]:
+    from pf2lora.algorithms import build_algorithm
+    from pf2lora.config import load_config
+    from pf2lora.engines.local import LocalEngine
+    from pf2lora.experiment import prepare
+
+    cfg = load_config(
+        "configs/default.yaml",
+        [
+            f"data.num_clients={clients}",
+            "data.partition=iid",
+            f"data.max_examples={8 * clients}",
+            f"data.max_test_examples={2 * clients}",
+            "model.max_length=32",
+            "train.local_steps=1",
+            "train.batch_size=2",
+            f"train.client_fraction={fraction}",
+            "train.threads=2",
+        ],
+    )
+    prepared = prepare(cfg)
+    server, client, _ = build_algorithm("pf2lora", cfg, prepared.base_model())
+    folder = tempfile.mkdtemp() if where == "disk" else None
+    engine = LocalEngine(
+        server, client, prepared.data.train, prepared.data.test, state_dir=Path(folder) if folder else None
+    )
+    # the first tenth of the clients, then the rest: the marginal memory of a held client
+    first = max(1, clients // 10)
+    for cid in range(first):
+        engine.state(cid)
+        instruction = server.configure_train(0, [cid])[cid]
+        _, engine.states[cid] = client.train(cid, instruction, engine.state(cid), prepared.data.train[cid])
+    trim()
+    rss_first = _status("VmRSS")
+    rounds, started = 0, time.perf_counter()
+    while rounds == 0 or len(engine.states) < clients:
+        rounds += 1
+        engine.train_round(rounds)
+    seconds = (time.perf_counter() - started) / rounds
+    trim()
+    rss_after = _status("VmRSS")
+    one_state = state_bytes(engine.states[0])
+    return {
+        "clients": clients,
+        "client_state": where,
+        "clients_per_round": len(server.configure_train(rounds + 1, engine.client_ids)),
+        "seconds_per_round": seconds,
+        "rss_bytes": rss_after,
+        "peak_rss_bytes": peak(),
+        "memory_per_client_bytes": (rss_after - rss_first) / (clients - first),
+        "state_bytes_per_client": one_state,
+    }
+
+
+if __name__ == "__main__":
+    where = sys.argv[2] if len(sys.argv) > 2 else "memory"
+    print(json.dumps(measure(int(sys.argv[1]), where)))

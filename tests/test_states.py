@@ -1,0 +1,42 @@
+"""Packed client states: exact round trip, one buffer per dtype, stored state never mutated."""
+
+from __future__ import annotations
+
+import torch
+
+from pf2lora.engines.states import PackedStates, pack, unpack
+
+
+def _state() -> dict:
+    return {
+        "personal": {"a": torch.randn(3, 4), "b": torch.zeros(4, 2)},
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(5)}},
+            "param_groups": [{"lr": 1e-3, "params": [0]}],
+        },
+        "cursor": {"epoch": 1, "pos": 7},
+        "ids": torch.arange(4),
+    }
+
+
+def test_pack_round_trip_is_exact() -> None:
+    state = _state()
+    packed = pack(state)
+    assert set(packed.buffers) == {torch.float32, torch.int64}
+    assert packed.buffers[torch.float32].numel() == 12 + 8 + 1 + 5
+    back = unpack(packed)
+    torch.testing.assert_close(back["personal"]["a"], state["personal"]["a"], rtol=0, atol=0)
+    torch.testing.assert_close(back["optimizer"]["state"][0]["step"], torch.tensor(3.0))
+    assert back["cursor"] == {"epoch": 1, "pos": 7} and back["optimizer"]["param_groups"] == [
+        {"lr": 1e-3, "params": [0]}
+    ]
+    torch.testing.assert_close(back["ids"], torch.arange(4))
+
+
+def test_in_place_changes_do_not_reach_the_stored_state() -> None:
+    states = PackedStates()
+    states[0] = _state()
+    first = states[0]
+    first["personal"]["a"].add_(100.0)
+    assert states[0]["personal"]["a"].abs().max() < 100
+    assert list(states) == [0] and len(states) == 1
