@@ -71,7 +71,11 @@ class LinearLowRankModel:
         return batch["inputs"] @ self.delta(params).T
 
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor:
-        per_example = ((self.logits(params, batch) - batch["labels"]) ** 2).sum(dim=1)
+        return self.loss_from_logits(self.logits(params, batch), batch, reduction)
+
+    @staticmethod
+    def loss_from_logits(predictions: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
+        per_example = ((predictions - batch["labels"]) ** 2).sum(dim=1)
         return per_example.sum() if reduction == "sum" else per_example.mean()
 
 

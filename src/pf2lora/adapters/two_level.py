@@ -186,7 +186,10 @@ class TwoLevelModel:
         return functional_call(self.model, self.peft_params(params), args=(), kwargs=inputs, strict=False).logits
 
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor:
-        logits = self.logits(params, batch)
+        return self.loss_from_logits(self.logits(params, batch), batch, reduction)
+
+    @staticmethod
+    def loss_from_logits(logits: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # the loss in full precision
         return nn.functional.cross_entropy(logits, batch["labels"], reduction=reduction)

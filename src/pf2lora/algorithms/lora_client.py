@@ -64,8 +64,8 @@ class LoRAClient(ClientAlgorithm):
         size = self.cfg.eval_batch_size
         for start in range(0, len(data), size):
             batch = data.batch(list(range(start, min(start + size, len(data)))), self.model.device)
-            out = self.model.logits(params, batch)
-            total += self.model.loss(params, batch, reduction="sum").item()
+            out = self.model.logits(params, batch)  # one forward for predictions and loss
+            total += self.model.loss_from_logits(out, batch, reduction="sum").item()
             logits.append(out.float().cpu())
             labels.append(batch["labels"].cpu())
         return Prediction(torch.cat(logits), torch.cat(labels), total / max(len(data), 1))
