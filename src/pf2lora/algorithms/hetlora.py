@@ -142,33 +142,28 @@ class HetLoRAClient(LoRAClient):
         super().__init__(model, train, seed)
         self.het = het
 
-    def train(
-        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
-    ) -> tuple[TrainResult, ClientState]:
-        self.seed_round(client_id, instruction)
-        self.model.train(True)
+    def begin_round(self, instruction: Instruction, x: dict[str, Tensor], state: ClientState) -> ClientState:
         rank = int(instruction.config["rank"])
-        q = math.ceil(self.het.gamma * rank)
-        modules = self.model.layout.modules
-        x = self.leaves(instruction.params)
         if state.get("rank") not in (None, rank):
-            state = {**state, "optimizer": None}  # moments of another shape: start afresh
-        opt = self.optimizer(x, state)
+            state["optimizer"] = None  # moments of another shape: start afresh
+        state["rank"] = rank
+        q = math.ceil(self.het.gamma * rank)
+        with torch.no_grad():  # this round's q and tail norm at receipt, dropped in end_round
+            state["round"] = {"q": q, "tail_at_receipt": float(tail_norm(x, self.model.layout.modules, q))}
+        return state
+
+    def local_step(self, client_id: int, x: dict[str, Tensor], state: ClientState, data: ClientData) -> float:
+        loss = self.model.loss(x, self.next_batch(client_id, state, data, self.cfg.batch_size))
+        (loss + self.het.penalty * tail_norm(x, self.model.layout.modules, state["round"]["q"])).backward()
+        return loss.item()
+
+    def end_round(
+        self, instruction: Instruction, x: dict[str, Tensor], state: ClientState
+    ) -> tuple[Params, dict[str, float]]:
+        """The pruning rule: if the tail norm fell during the round, ``r_k <- max(r_min, q)``."""
+        rank, round_ = state["rank"], state.pop("round")
         with torch.no_grad():
-            tail_at_receipt = float(tail_norm(x, modules, q))
-        losses = []
-        for _ in range(self.cfg.local_steps):
-            batch = self.next_batch(client_id, state, data, self.cfg.batch_size)
-            loss = self.model.loss(x, batch)
-            (loss + self.het.penalty * tail_norm(x, modules, q)).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        with torch.no_grad():
-            tail_after = float(tail_norm(x, modules, q))
-        new_rank = max(self.het.r_min, q) if tail_after < tail_at_receipt else rank
-        new_rank = min(new_rank, rank)
-        params = truncate(clone_params(x), new_rank)
-        state = {**state, "optimizer": opt.state_dict(), "rank": rank}
-        metrics = {"train_loss": sum(losses) / len(losses), "rank": new_rank, "tail_norm": tail_after}
-        return TrainResult(params, len(data), metrics), state
+            tail_after = float(tail_norm(x, self.model.layout.modules, round_["q"]))
+        pruned = tail_after < round_["tail_at_receipt"]
+        new_rank = min(rank, max(self.het.r_min, round_["q"])) if pruned else rank
+        return truncate(clone_params(x), new_rank), {"rank": new_rank, "tail_norm": tail_after}

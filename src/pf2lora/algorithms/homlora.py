@@ -7,10 +7,11 @@ shared head) and sends it back. Evaluation is the global model on each client's 
 
 from __future__ import annotations
 
-from pf2lora.algorithms.base import ClientData, ClientState, Instruction, TrainResult
+from torch import Tensor
+
+from pf2lora.algorithms.base import ClientData, ClientState
 from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import LoRAClient
-from pf2lora.utils import clone_params
 
 
 class HomLoRAServer(FedAvgServer):
@@ -20,21 +21,7 @@ class HomLoRAServer(FedAvgServer):
 class HomLoRAClient(LoRAClient):
     """I local AdamW steps on the common adapter."""
 
-    def train(
-        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
-    ) -> tuple[TrainResult, ClientState]:
-        self.seed_round(client_id, instruction)
-        self.model.train(True)
-        x = self.leaves(instruction.params)
-        opt = self.optimizer(x, state)
-        losses = []
-        for _ in range(self.cfg.local_steps):
-            batch = self.next_batch(client_id, state, data, self.cfg.batch_size)
-            loss = self.model.loss(x, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        state = {**state, "optimizer": opt.state_dict()}
-        metrics = {"train_loss": sum(losses) / len(losses)}
-        return TrainResult(clone_params(x), len(data), metrics), state
+    def local_step(self, client_id: int, x: dict[str, Tensor], state: ClientState, data: ClientData) -> float:
+        loss = self.model.loss(x, self.next_batch(client_id, state, data, self.cfg.batch_size))
+        loss.backward()
+        return loss.item()

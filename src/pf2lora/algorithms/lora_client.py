@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import Tensor
 
@@ -14,14 +16,50 @@ from pf2lora.algorithms.base import (
     Instruction,
     Params,
     Prediction,
+    TrainResult,
 )
 from pf2lora.config import TrainConfig
 from pf2lora.data.sampling import draw
-from pf2lora.utils import stable_seed
+from pf2lora.utils import clone_params, stable_seed
 
 
 class LoRAClient(ClientAlgorithm):
-    """Base of the LoRA clients. Subclasses implement ``train``."""
+    """Base of the LoRA clients: the round loop. Subclasses implement ``local_step``.
+
+    A round: seed the dropout RNG from (seed, round, client); fresh leaves for the received x;
+    this client's AdamW on x; I local steps, each leaving its gradient in x's ``.grad``; then x
+    (as ``end_round`` shapes it) goes back with the metrics, and the new state stays here.
+    """
+
+    def train(
+        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+    ) -> tuple[TrainResult, ClientState]:
+        self.seed_round(client_id, instruction)
+        self.model.train(True)
+        x = self.leaves(instruction.params)
+        state = self.begin_round(instruction, x, dict(state))
+        opt = self.optimizer(x, state)
+        losses = []
+        for _ in range(self.cfg.local_steps):
+            losses.append(self.local_step(client_id, x, state, data))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        state["optimizer"] = opt.state_dict()
+        params, metrics = self.end_round(instruction, x, state)
+        return TrainResult(params, len(data), {"train_loss": sum(losses) / len(losses), **metrics}), state
+
+    @abstractmethod
+    def local_step(self, client_id: int, x: dict[str, Tensor], state: ClientState, data: ClientData) -> float:
+        """One local step: set every ``x[k].grad``, update the rest of ``state``; return the loss."""
+
+    def begin_round(self, instruction: Instruction, x: dict[str, Tensor], state: ClientState) -> ClientState:
+        return state
+
+    def end_round(
+        self, instruction: Instruction, x: dict[str, Tensor], state: ClientState
+    ) -> tuple[Params, dict[str, float]]:
+        """What is sent back (x itself by default) and extra metrics."""
+        return clone_params(x), {}
 
     def __init__(self, model: AdapterModel, train: TrainConfig, seed: int = 0) -> None:
         self.model = model

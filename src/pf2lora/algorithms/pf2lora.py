@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pf2lora.algorithms.base import Batch, ClientData, ClientState, Instruction, Params, TrainResult
+from pf2lora.algorithms.base import Batch, ClientData, ClientState, Params
 from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import LoRAClient
 from pf2lora.utils import clone_params, generator, rng_state, set_rng_state
@@ -51,33 +51,19 @@ class PF2LoRAClient(LoRAClient):
         state["personal"] = self.model.initial_personal(generator(self.seed, "personal", client_id))
         return state
 
-    def train(
-        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
-    ) -> tuple[TrainResult, ClientState]:
-        self.seed_round(client_id, instruction)
-        self.model.train(True)
-        x = self.leaves(instruction.params)
-        y = clone_params(self.personal(state))
-        opt = self.optimizer(x, state)
-        b, losses = self.cfg.batch_size, []
-        for _ in range(self.cfg.local_steps):
-            mode = self.cfg.hypergradient
-            # pi, xi (and zeta) are consecutive draws, each padded only to its own longest example
-            pi = self.next_batch(client_id, state, data, b)
-            if mode == "joint":
-                loss, h, y = self.joint_step(x, y, pi)
-            else:
-                xi = self.next_batch(client_id, state, data, b)
-                zeta = self.next_batch(client_id, state, data, b) if self.cfg.independent_mixed_batch else None
-                loss, h, y = self.bilevel_step(x, y, pi, xi, zeta, mode)
-            for k, leaf in x.items():
-                leaf.grad = h[k]
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss)
-        state = {**state, "personal": y, "optimizer": opt.state_dict()}
-        metrics = {"train_loss": sum(losses) / len(losses)}
-        return TrainResult(clone_params(x), len(data), metrics), state
+    def local_step(self, client_id: int, x: dict[str, Tensor], state: ClientState, data: ClientData) -> float:
+        b, mode = self.cfg.batch_size, self.cfg.hypergradient
+        # pi, xi (and zeta) are consecutive draws, each padded only to its own longest example
+        pi = self.next_batch(client_id, state, data, b)
+        if mode == "joint":
+            loss, h, state["personal"] = self.joint_step(x, state["personal"], pi)
+        else:
+            xi = self.next_batch(client_id, state, data, b)
+            zeta = self.next_batch(client_id, state, data, b) if self.cfg.independent_mixed_batch else None
+            loss, h, state["personal"] = self.bilevel_step(x, state["personal"], pi, xi, zeta, mode)
+        for k, leaf in x.items():
+            leaf.grad = h[k]
+        return loss
 
     # ------------------------------------------------------------------ one step
     def bilevel_step(
