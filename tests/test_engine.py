@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_two_level
 from safetensors.torch import load, save
@@ -109,3 +110,26 @@ def test_only_sampled_clients_train() -> None:
     record = engine.train_round(1)
     assert len(record["clients"]) == 2  # ceil(0.34 * 3)
     assert isinstance(server.configure_evaluate(1, [0, 1, 2])[2], Instruction)
+
+
+def test_compressed_payloads_halve_the_bytes_and_stay_close() -> None:
+    runs = {}
+    for compression in ("none", "bf16"):
+        model = tiny_two_level(personal_rank=2, dtype=torch.float32)
+        data = _clients()
+        engine = LocalEngine(
+            PF2LoRAServer(model.initial_common()),
+            PF2LoRAClient(model, TrainConfig(local_steps=2, batch_size=4)),
+            data,
+            data,
+            compression=compression,
+        )
+        runs[compression] = (engine, engine.train_round(1))
+    full, half = runs["none"][1]["clients"][0], runs["bf16"][1]["clients"][0]
+    g_full, g_half = runs["none"][0].server.global_params, runs["bf16"][0].server.global_params
+    raw = sum(t.numel() * t.element_size() for t in g_full.values())  # fp32 tensor bytes
+    for way in ("bytes_sent", "bytes_received"):  # bf16 saves half the tensor bytes; the name header stays
+        assert full[way] - half[way] == pytest.approx(raw / 2, rel=0.05)
+    for name, tensor in g_full.items():
+        assert g_half[name].dtype == torch.float32  # the receiver works in its own dtype
+        torch.testing.assert_close(g_half[name], tensor, rtol=2e-2, atol=2e-3)

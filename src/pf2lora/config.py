@@ -100,6 +100,7 @@ class TrainConfig:
     eval_batch_size: int = _help("batch size for evaluation", 64)
     threads: int | None = _help("torch CPU threads (None: torch's default)", None)
     client_state: str = _help("memory | disk: where the engine keeps clients' personal state", "memory")
+    compression: str = _help("none | fp16 | bf16: the dtype of the adapters that travel", "none")
 
 
 @dataclass

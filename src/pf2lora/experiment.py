@@ -91,7 +91,7 @@ def run_experiment(
             steps = cfg.train.rounds * max(1, round(cfg.train.client_fraction * cfg.data.num_clients))
             state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
             on_step = progress(name, steps) if progress else None
-            engine = LocalEngine(server, client, data.train, data.test, on_step, state_dir)
+            engine = LocalEngine(server, client, data.train, data.test, on_step, state_dir, cfg.train.compression)
 
             def write(record: dict[str, Any], name: str = name) -> None:
                 metrics_file.write(json.dumps({"algorithm": name, **_jsonable(record)}) + "\n")

@@ -12,10 +12,18 @@ from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ClientState, ServerAlgorithm
+from pf2lora.algorithms.base import (
+    ClientAlgorithm,
+    ClientData,
+    ClientState,
+    Instruction,
+    ServerAlgorithm,
+    TrainResult,
+)
+from pf2lora.codec import transmit
 from pf2lora.engines.states import DiskStates, PackedStates
 from pf2lora.metrics import classification_metrics
-from pf2lora.utils import payload_bytes, release_free_memory
+from pf2lora.utils import release_free_memory
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
@@ -30,8 +38,11 @@ class LocalEngine:
         test: Sequence[ClientData],
         on_step: Callable[[], None] | None = None,
         state_dir: Path | None = None,
+        compression: str = "none",
     ) -> None:
-        """``state_dir``: keep client states on disk there instead of in memory."""
+        """``state_dir``: keep client states on disk there instead of in memory. ``compression``:
+        none | fp16 | bf16, the dtype of what travels each way."""
+        self.compression = compression
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
         self.states: MutableMapping[int, ClientState] = DiskStates(state_dir) if state_dir else PackedStates()
@@ -51,13 +62,13 @@ class LocalEngine:
         instructions = self.server.configure_train(server_round, self.client_ids)
         results, clients = {}, {}
         for cid, instruction in instructions.items():
-            result, self.states[cid] = self.client.train(cid, instruction, self.state(cid), self.train_data[cid])
-            results[cid] = result
-            clients[cid] = {
-                **result.metrics,
-                "bytes_received": payload_bytes(instruction.params),
-                "bytes_sent": payload_bytes(result.params),
-            }
+            params, down = transmit(instruction.params, self.compression)
+            result, self.states[cid] = self.client.train(
+                cid, Instruction(params, instruction.config), self.state(cid), self.train_data[cid]
+            )
+            params, up = transmit(result.params, self.compression)
+            results[cid] = TrainResult(params, result.num_examples, result.metrics)
+            clients[cid] = {**result.metrics, "bytes_received": down, "bytes_sent": up}
             self.on_step()
         self.server.aggregate_train(server_round, results)
         del results
@@ -68,6 +79,7 @@ class LocalEngine:
         """Every client on its own test split; its effective rank per adapted module."""
         metrics, ranks = {}, {}
         for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
+            instruction = Instruction(transmit(instruction.params, self.compression)[0], instruction.config)
             prediction = self.client.predict(cid, instruction, self.state(cid), self.test_data[cid])
             metrics[cid] = classification_metrics(prediction)
             ranks[cid] = self.client.effective_ranks(instruction, self.state(cid))
