@@ -51,6 +51,9 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         ("train.client_fraction=0", r"client_fraction must be in \(0, 1\]"),
         ("rounds", "not of the form key=value"),
         ("data.dataset=file", "needs data.path"),
+        ("train.compression=zip", "train.compression must be none, fp16 or bf16"),
+        ("train.client_state=cloud", "train.client_state must be memory or disk"),
+        ("model.device=tpu", "model.device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_values_give_one_line_errors(override: str, message: str) -> None:

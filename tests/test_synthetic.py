@@ -64,6 +64,10 @@ def test_synthetic_cli_recovers_ranks(seed: int, tmp_path: Path) -> None:
 def test_synthetic_bad_input(tmp_path: Path, capsys) -> None:
     assert main(["synthetic", "--truth", "weird", "--out", str(tmp_path / "x")]) == 2
     assert "unknown truth 'weird'" in capsys.readouterr().err
+    for steps in ("0", "15"):
+        assert main(["synthetic", "--steps", steps, "--out", str(tmp_path / "x")]) == 2
+        assert "steps must be a positive multiple of the interval (10)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "synthetic.json").write_text("{}")
     assert main(["synthetic", "--out", str(tmp_path / "full")]) == 2

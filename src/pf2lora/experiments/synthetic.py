@@ -70,8 +70,8 @@ class SyntheticConfig:
             raise ConfigError(f"unknown truth {self.truth!r} (choose from {', '.join(TRUTHS)})")
         if not 0 < self.train_examples < self.examples:
             raise ConfigError("train_examples must be between 0 and examples")
-        if self.steps % self.interval or self.eval_every % self.interval:
-            raise ConfigError(f"steps and eval_every must be multiples of interval ({self.interval})")
+        if self.steps < self.interval or self.steps % self.interval or self.eval_every % self.interval:
+            raise ConfigError(f"steps must be a positive multiple of the interval ({self.interval}), got {self.steps}")
         return self
 
 
