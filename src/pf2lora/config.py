@@ -165,6 +165,10 @@ class ExperimentConfig:
         _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
         _check(t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}")
         _check(
+            t.compression in ("none", "fp16", "bf16"),
+            f"train.compression must be none, fp16 or bf16, got {t.compression!r}",
+        )
+        _check(
             t.client_state in ("memory", "disk"), f"train.client_state must be memory or disk, got {t.client_state!r}"
         )
         het = self.hetlora
