@@ -39,11 +39,6 @@ def weighted_average(dicts: Iterable[Mapping[str, Tensor]], weights: Iterable[fl
     return out
 
 
-def num_bytes(params: Mapping[str, Tensor]) -> int:
-    """Bytes of the tensors alone (element count times element size)."""
-    return sum(t.numel() * t.element_size() for t in params.values())
-
-
 def payload_bytes(params: Mapping[str, Tensor]) -> int:
     """Bytes of the payload as it travels: the name-keyed safetensors serialization."""
     return len(save({k: v.detach().contiguous().cpu() for k, v in params.items()}))

@@ -62,12 +62,6 @@ class FederatedData:
     def num_labels(self) -> int:
         return len(self.label_names)
 
-    def pooled_train(self) -> TokenizedData:
-        parts = self.train
-        types = None if parts[0].types is None else [t for p in parts for t in p.types or []]
-        labels = np.concatenate([p.labels.numpy() for p in parts])
-        return TokenizedData([i for p in parts for i in p.ids], types, labels, parts[0].pad_id)
-
 
 def client_indices(splits: TextSplits, cfg: DataConfig, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Partition train and test by ``cfg.partition``; checks that no client is left empty."""
