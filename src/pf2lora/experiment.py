@@ -35,9 +35,16 @@ log = logging.getLogger(__name__)
 class Prepared:
     cfg: ExperimentConfig
     data: FederatedData
+    # the base prepare() validated, with the RNG state right after loading it: handed out once
+    # instead of loading the model again (the adapters' init draws from that RNG state next)
+    checked: tuple[torch.nn.Module, torch.Tensor] | None = None
 
     def base_model(self) -> torch.nn.Module:
         """The pretrained model with a head seeded identically for every method, on its device."""
+        if self.checked is not None:
+            (model, rng), self.checked = self.checked, None
+            torch.set_rng_state(rng)
+            return model
         torch.manual_seed(stable_seed(self.cfg.seed, "head"))
         model = load_classifier(self.cfg.model.name, self.data.num_labels, self.cfg.model.dropout)
         return model.to(self.device)
@@ -63,6 +70,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     base = prepared.base_model()
     find_target_modules(base, cfg.lora.target_modules)
     find_head(base)
+    prepared.checked = (base, torch.get_rng_state())
     return prepared
 
 

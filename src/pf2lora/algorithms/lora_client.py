@@ -31,6 +31,11 @@ class LoRAClient(ClientAlgorithm):
     (as ``end_round`` shapes it) goes back with the metrics, and the new state stays here.
     """
 
+    def __init__(self, model: AdapterModel, train: TrainConfig, seed: int = 0) -> None:
+        self.model = model
+        self.cfg = train
+        self.seed = seed
+
     def train(
         self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
     ) -> tuple[TrainResult, ClientState]:
@@ -60,11 +65,6 @@ class LoRAClient(ClientAlgorithm):
     ) -> tuple[Params, dict[str, float]]:
         """What is sent back (x itself by default) and extra metrics."""
         return clone_params(x), {}
-
-    def __init__(self, model: AdapterModel, train: TrainConfig, seed: int = 0) -> None:
-        self.model = model
-        self.cfg = train
-        self.seed = seed
 
     # ------------------------------------------------------------------ state
     def init_state(self, client_id: int) -> ClientState:

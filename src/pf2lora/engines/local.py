@@ -54,7 +54,9 @@ class LocalEngine:
 
     def state(self, cid: int) -> ClientState:
         if cid not in self.states:
-            self.states[cid] = self.client.init_state(cid)
+            state = self.client.init_state(cid)
+            self.states[cid] = state  # stored as a copy (packed, or on disk)
+            return state
         return self.states[cid]
 
     def train_round(self, server_round: int) -> Record:
@@ -80,9 +82,10 @@ class LocalEngine:
         metrics, ranks = {}, {}
         for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
             instruction = Instruction(transmit(instruction.params, self.compression)[0], instruction.config)
-            prediction = self.client.predict(cid, instruction, self.state(cid), self.test_data[cid])
+            state = self.state(cid)
+            prediction = self.client.predict(cid, instruction, state, self.test_data[cid])
             metrics[cid] = classification_metrics(prediction)
-            ranks[cid] = self.client.effective_ranks(instruction, self.state(cid))
+            ranks[cid] = self.client.effective_ranks(instruction, state)
         return metrics, ranks
 
     def run(
