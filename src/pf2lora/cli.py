@@ -29,6 +29,36 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
     run.add_argument("--force", action="store_true", help="allow writing into a non-empty --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmp = sub.add_parser(
+        "compare",
+        help="the paper's comparison table: methods x heterogeneity levels (or datasets), over seeds",
+        description="Runs every method on the same partitions for each heterogeneity level / dataset and seed, "
+        "and writes table.md, table.csv, table.json and compare.png. The list axes: algorithms=a,b "
+        "heterogeneity=0.6,0.9 seeds=0,1 datasets=x,y; any other key=value overrides the config.",
+    )
+    cmp.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    cmp.add_argument("--out", type=Path, help="output directory (default: runs/compare-<name>-<time>)")
+    cmp.add_argument("--force", action="store_true", help="allow writing into a non-empty --out")
+    cmp.add_argument("--resume", action="store_true", help="keep the finished runs in --out, run the rest")
+    cmp.add_argument("--metric", default="accuracy", help="accuracy (default) | mcc | macro_f1")
+    cmp.add_argument(
+        "--sweep", action="append", default=[], metavar="KEY=V1,V2", help="one row per value (Appendix L sweeps)"
+    )
+    cmp.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'ALGO key=value ...'",
+        help="an extra row: a method with overrides",
+    )
+    cmp.add_argument(
+        "--ablation",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="bilevel: PF2LoRA without the bilevel step (F.2)",
+    )
+    cmp.add_argument("--quiet", action="store_true", help="no progress bar")
     syn = sub.add_parser("synthetic", help="the paper's synthetic rank-recovery experiment (Figure 2)")
     syn.add_argument("--out", type=Path, default=Path("runs/synthetic"), help="output directory")
     syn.add_argument("--seed", type=int, default=0)
@@ -72,6 +102,48 @@ def synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace, items: list[str]) -> int:
+    from pf2lora import compare as cmp
+    from pf2lora.experiment import check_out_dir
+
+    config = items[0] if items and "=" not in items[0] else None
+    overrides = items[1:] if config is not None else items
+    try:
+        grid = cmp.plan(config, overrides, args.sweep, args.variant, args.ablation, args.metric)
+        name = grid.runs[0][3].name
+        out = args.out or Path("runs") / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not args.resume:
+            check_out_dir(out, args.force)
+        elif out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a directory")
+    except ConfigError as err:
+        print(f"pf2lora: error: {err}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+
+    from pf2lora.report import Progress
+
+    console = Console(stderr=True)
+    console.print(
+        f"{len(grid.runs)} runs: {len(grid.rows)} rows x {len(grid.columns)} columns x {len(grid.seeds)} seeds"
+    )
+    try:
+        with Progress(disabled=args.quiet, one_at_a_time=True) as progress:
+            table = cmp.execute(
+                grid,
+                out,
+                args.resume,
+                on_run=lambda i, n, what: console.print(f"[{i + 1}/{n}] {what}") if not args.quiet else None,
+                progress=progress.task,
+            )
+    except ConfigError as err:  # data or model problems found while preparing, before any training
+        print(f"pf2lora: error: {err}", file=sys.stderr)
+        return 2
+    print(cmp.markdown(table))
+    print(f"{table['seconds']:.0f}s; wrote {out}/table.md, table.csv, table.json, compare.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -79,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return synthetic(args)
+    if args.command == "compare":
+        unknown = [e for e in extra if e.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        return compare(args, [*args.items, *extra])
     unknown = [e for e in extra if e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-ALGORITHMS = ("pf2lora", "homlora", "hetlora")
+ALGORITHMS = ("pf2lora", "homlora", "hetlora", "perfedavg", "centralized")
+HESSIANS = ("first_order", "exact", "finite_difference")
 HYPERGRADIENTS = ("exact", "finite_difference", "first_order", "joint")
 PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid")
 
@@ -83,6 +84,14 @@ class HetLoRAConfig:
 
 
 @dataclass
+class PerFedAvgConfig:
+    alpha: float = _help("Per-FedAvg's one-step SGD learning rate (inner step and personalisation)", 1e-2)
+    hessian: str = _help(
+        "first_order | exact | finite_difference: the Hessian-vector term of the meta-gradient", "first_order"
+    )
+
+
+@dataclass
 class TrainConfig:
     rounds: int = _help("communication rounds R", 10)
     local_steps: int = _help("local steps I between two averagings", 10)
@@ -114,6 +123,7 @@ class ExperimentConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
+    perfedavg: PerFedAvgConfig = field(default_factory=PerFedAvgConfig)
 
     def validate(self) -> ExperimentConfig:
         """Check every value that can be checked before loading data or a model."""
@@ -170,6 +180,12 @@ class ExperimentConfig:
         )
         _check(
             t.client_state in ("memory", "disk"), f"train.client_state must be memory or disk, got {t.client_state!r}"
+        )
+        per = self.perfedavg
+        _check(per.alpha > 0, f"perfedavg.alpha must be > 0, got {per.alpha}")
+        _check(
+            per.hessian in HESSIANS,
+            f"unknown perfedavg.hessian {per.hessian!r} (choose from {', '.join(HESSIANS)})",
         )
         het = self.hetlora
         _check(het.r_min >= 1, f"hetlora.r_min must be >= 1, got {het.r_min}")

@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 
 from pf2lora.adapters.export import PeftExporter
 from pf2lora.adapters.two_level import find_head, find_target_modules
-from pf2lora.algorithms import build_algorithm
+from pf2lora.algorithms import POOLED, build_algorithm
+from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.config import ConfigError, ExperimentConfig
-from pf2lora.data.text import FederatedData, build_federated_data
+from pf2lora.data.text import FederatedData, TokenizedData, build_federated_data
 from pf2lora.engines.local import LocalEngine
 from pf2lora.metrics import summarize
 from pf2lora.models import load_classifier, load_tokenizer
@@ -96,39 +97,70 @@ def run_experiment(
         for name in cfg.algorithms:
             started = time.perf_counter()
             server, client, model = build_algorithm(name, cfg, prepared.base_model())
-            steps = cfg.train.rounds * max(1, round(cfg.train.client_fraction * cfg.data.num_clients))
+            pooled = name in POOLED
+            train = [TokenizedData.pool(data.train)] if pooled else data.train
+            steps = cfg.train.rounds * (1 if pooled else clients_per_round(len(train), cfg.train.client_fraction))
             state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
             on_step = progress(name, steps) if progress else None
-            engine = LocalEngine(server, client, data.train, data.test, on_step, state_dir, cfg.train.compression)
+            engine = LocalEngine(server, client, train, data.test, on_step, state_dir, cfg.train.compression)
+            traffic = Traffic()
 
-            def write(record: dict[str, Any], name: str = name) -> None:
+            def write(record: dict[str, Any], name: str = name, traffic: Traffic = traffic) -> None:
+                traffic.add(record)
                 metrics_file.write(json.dumps({"algorithm": name, **_jsonable(record)}) + "\n")
                 metrics_file.flush()
 
             per_client, ranks = engine.run(cfg.train.rounds, cfg.train.eval_every, write)
             mean, std = summarize(per_client)
+            personal = _count(engine.states.get(0, {}).get("personal", {}))
             results[name] = {
                 "clients": {str(c): m for c, m in per_client.items()},
                 "mean": mean,
                 "std": std,
                 "effective_rank": {str(c): r for c, r in ranks.items()},
-                "trainable_parameters": _count(server.global_params)
-                + _count(engine.states.get(0, {}).get("personal", {})),
-                "communicated_parameters_per_client_round": _count(server.global_params),
+                # what one client trains: what it receives (its own rank for HETLoRA) plus its personal part
+                "trainable_parameters": _count(server.global_params) if pooled else traffic.received() + personal,
+                # nothing travels in centralized training
+                "communicated_parameters_per_client_round": None if pooled else traffic.per_client_round(),
                 "seconds": round(time.perf_counter() - started, 2),
             }
             _save_checkpoint(out / "checkpoints" / name, server.global_params, engine.states)
             exporter = PeftExporter(prepared.base_model(), model.layout, cfg.lora.target_modules)
             final = server.configure_evaluate(cfg.train.rounds, engine.client_ids)
             for cid, instruction in final.items():
-                personal = engine.state(cid).get("personal", {})
-                exporter.save({**instruction.params, **personal}, out / "adapters" / name / f"client{cid}")
+                state = engine.state(cid)
+                params = {**engine.client_view(cid, instruction, state).params, **state.get("personal", {})}
+                exporter.save(params, out / "adapters" / name / f"client{cid}")
             del engine, server, client, model, exporter
     (out / "results.json").write_text(json.dumps(results, indent=2))
     from pf2lora.plots import plot_run  # matplotlib only when writing plots
 
     plot_run(out, results, out / "metrics.jsonl")
     return results
+
+
+class Traffic:
+    """Parameters moved per client and round, from the engine's round records."""
+
+    def __init__(self) -> None:
+        self.received_per_client: dict[str, int] = {}
+        self.total = 0
+        self.replies = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        for cid, m in record.get("clients", {}).items():
+            self.received_per_client[str(cid)] = m["parameters_received"]
+            self.total += m["parameters_received"] + m["parameters_sent"]
+            self.replies += 1
+
+    def received(self) -> int:
+        """Mean over clients of what each received last (the size of the model it trains)."""
+        values = list(self.received_per_client.values())
+        return round(sum(values) / len(values)) if values else 0
+
+    def per_client_round(self) -> int:
+        """Parameters sent plus received, per client and round."""
+        return round(self.total / self.replies) if self.replies else 0
 
 
 def _count(params: dict[str, torch.Tensor]) -> int:

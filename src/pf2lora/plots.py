@@ -88,3 +88,35 @@ def plot_figure2(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_compare(table: dict[str, Any], path: Path) -> None:
+    """Left: the metric against the table's columns (heterogeneity levels) per method, with the std
+    over seeds. Right: per-client values (mean over seeds) in the last column, per method."""
+    columns, rows, metric = table["columns"], table["rows"], table["metric"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
+    x = np.arange(len(columns))
+    for r in rows:
+        mean = [r["cells"][c]["mean"] for c in columns]
+        std = [r["cells"][c]["std"] for c in columns]
+        left.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=r["method"])
+    left.set_xticks(x, columns)
+    left.set_xlabel("heterogeneity (label-sorted fraction of each client's data)")
+    left.set_ylabel(f"mean client {metric}")
+    left.set_title(f"{metric} against heterogeneity (± std over seeds {table['seeds']})")
+    left.legend(fontsize=8)
+    last = columns[-1]
+    clients = list(rows[0]["cells"][last]["clients"])
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        values = [r["cells"][last]["clients"][c] for c in clients]
+        right.bar(np.arange(len(clients)) + i * width, values, width, label=r["method"])
+    right.set_xticks(np.arange(len(clients)) + width * (len(rows) - 1) / 2, clients)
+    right.set_xlabel("client")
+    right.set_ylabel(f"{metric} on its own test split")
+    right.set_title(f"per-client {metric} at {last} (mean over seeds)")
+    if metric != "mcc":
+        right.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

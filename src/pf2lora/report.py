@@ -15,7 +15,9 @@ from rich.table import Table
 class Progress:
     """One bar per method, advanced once per client per round."""
 
-    def __init__(self, disabled: bool = False) -> None:
+    def __init__(self, disabled: bool = False, one_at_a_time: bool = False) -> None:
+        """``one_at_a_time``: a new bar replaces the previous ones (a long grid of runs)."""
+        self.one_at_a_time = one_at_a_time
         self._bar = RichProgress(
             TextColumn("{task.description:>10}"),
             BarColumn(),
@@ -35,41 +37,38 @@ class Progress:
         self._bar.__exit__(*exc)
 
     def task(self, name: str, total: int) -> Callable[[], None]:
+        if self.one_at_a_time:
+            for old in list(self._bar.task_ids):
+                self._bar.remove_task(old)
         task_id = self._bar.add_task(name, total=total)
         return lambda: self._bar.advance(task_id)
 
 
 def print_summary(results: dict[str, Any], out: Path) -> None:
+    """One row per method: accuracy per client (up to 12 clients), mean +- std over clients, MCC,
+    macro-F1, mean effective rank, time."""
     console = Console()
-    methods = list(results)
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a log file: never squeeze the numbers
     clients = sorted({int(c) for r in results.values() for c in r["clients"]})
-    table = Table(title="Test accuracy per client (own test split)")
-    table.add_column("client", justify="right")
-    for method in methods:
-        table.add_column(method, justify="right")
-        if results[method]["effective_rank"].get(str(clients[0])):
-            table.add_column(f"{method} rank", justify="right", style="dim")
-    for c in clients:
-        row = [str(c)]
-        for method in methods:
-            row.append(f"{results[method]['clients'][str(c)]['accuracy']:.4f}")
-            ranks = results[method]["effective_rank"].get(str(c))
-            if results[method]["effective_rank"].get(str(clients[0])):
-                row.append(f"{sum(ranks.values()) / len(ranks):.2f}" if ranks else "")
+    shown = clients if len(clients) <= 12 else []
+    table = Table(title="Test accuracy per client (each on its own test split)")
+    table.add_column("method", no_wrap=True)
+    for c in shown:
+        table.add_column(str(c), justify="right", no_wrap=True)
+    for title in ("mean ± std", "MCC", "macro-F1", "rank", "time"):
+        table.add_column(title, justify="right", no_wrap=True, style="bold" if title == "mean ± std" else None)
+    for method, r in results.items():
+        row = [method] + [f"{r['clients'][str(c)]['accuracy']:.3f}" for c in shown]
+        ranks = [v for per in r["effective_rank"].values() for v in per.values()]
+        row += [
+            f"{r['mean']['accuracy']:.4f} ± {r['std']['accuracy']:.4f}",
+            f"{r['mean']['mcc']:.4f}",
+            f"{r['mean']['macro_f1']:.4f}",
+            f"{sum(ranks) / len(ranks):.2f}" if ranks else "",
+            f"{r['seconds']:.0f}s",
+        ]
         table.add_row(*row)
-    mean_row = ["mean"]
-    for method in methods:
-        r = results[method]
-        mean_row.append(f"{r['mean']['accuracy']:.4f} ± {r['std']['accuracy']:.4f}")
-        if r["effective_rank"].get(str(clients[0])):
-            mean_row.append("")
-    table.add_row(*mean_row, style="bold")
     console.print(table)
-    for method in methods:
-        m = results[method]["mean"]
-        console.print(
-            f"{method}: mean accuracy {m['accuracy']:.4f}, MCC {m['mcc']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
-            f"{results[method]['seconds']:.0f}s"
-        )
-    console.print("rank = mean effective rank over adapted modules (90% of singular-value mass)")
+    console.print("rank = mean effective rank over clients and adapted modules (90% of singular-value mass)")
     console.print(f"run directory: {out}")

@@ -6,15 +6,20 @@ from torch import nn
 
 from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.algorithms.base import ClientAlgorithm, ServerAlgorithm
+from pf2lora.algorithms.centralized import CentralizedClient, CentralizedServer, centralized_train_config
 from pf2lora.algorithms.hetlora import HetLoRAClient, HetLoRAServer, initial_ranks
 from pf2lora.algorithms.homlora import HomLoRAClient, HomLoRAServer
+from pf2lora.algorithms.perfedavg import PerFedAvgClient, PerFedAvgServer
 from pf2lora.algorithms.pf2lora import PF2LoRAClient, PF2LoRAServer
 from pf2lora.config import ExperimentConfig
 
 _METHODS = {
     "pf2lora": (PF2LoRAServer, PF2LoRAClient, True),
     "homlora": (HomLoRAServer, HomLoRAClient, False),
+    "perfedavg": (PerFedAvgServer, PerFedAvgClient, False),
+    "centralized": (CentralizedServer, CentralizedClient, False),
 }
+POOLED = frozenset({"centralized"})  # methods that train on all clients' data pooled
 
 
 def build_algorithm(
@@ -39,6 +44,11 @@ def build_algorithm(
         personal_lora_alpha=lo.personal_lora_alpha,
         head=lo.head,
     )
+    if name == "centralized":
+        train = centralized_train_config(t, cfg.data.num_clients)
+        return CentralizedServer(model.initial_common(), cfg.seed), CentralizedClient(model, train, cfg.seed), model
     server = server_cls(model.initial_common(), t.aggregation, t.client_fraction, cfg.seed)
+    if name == "perfedavg":
+        return server, PerFedAvgClient(model, t, cfg.perfedavg, cfg.seed), model
     client = client_cls(model, t, cfg.seed)
     return server, client, model

@@ -117,6 +117,13 @@ class ClientAlgorithm(ABC):
     @abstractmethod
     def predict(self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData) -> Prediction: ...
 
+    def personalize(
+        self, client_id: int, instruction: Instruction, state: ClientState, train_data: ClientData | None
+    ) -> Instruction:
+        """The model this client evaluates, from what the server sent (as is, unless the method adapts
+        it to the client's training data first, as Per-FedAvg does)."""
+        return instruction
+
     def effective_ranks(self, instruction: Instruction, state: ClientState) -> dict[str, int]:
         """Effective rank per adapted module of this client's model (empty if not applicable)."""
         return {}

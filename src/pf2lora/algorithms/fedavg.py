@@ -14,11 +14,16 @@ from pf2lora.algorithms.base import Instruction, Params, ServerAlgorithm, TrainR
 from pf2lora.utils import clone_params, generator, weighted_average
 
 
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """How many clients a round samples: ``ceil(fraction * M)``, at least one."""
+    return num_clients if fraction >= 1.0 else max(1, math.ceil(fraction * num_clients))
+
+
 def sample_clients(client_ids: list[int], fraction: float, *seed: object) -> list[int]:
     """A seeded subset of ``ceil(fraction * len(client_ids))`` clients (all when fraction is 1)."""
     if fraction >= 1.0:
         return list(client_ids)
-    count = max(1, math.ceil(fraction * len(client_ids)))
+    count = clients_per_round(len(client_ids), fraction)
     order = torch.randperm(len(client_ids), generator=generator(*seed)).tolist()
     return sorted(client_ids[i] for i in order[:count])
 

@@ -26,6 +26,17 @@ class TokenizedData:
         types = [self.types[i] for i in indices] if self.types is not None else None
         return TokenizedData([self.ids[i] for i in indices], types, self.labels[indices].numpy(), self.pad_id)
 
+    @classmethod
+    def pool(cls, parts: list[TokenizedData]) -> TokenizedData:
+        """All examples of ``parts``, in order (centralized training on every client's data)."""
+        if not parts:
+            raise ValueError("nothing to pool")
+        ids = [row for part in parts for row in part.ids]
+        with_types = all(part.types is not None for part in parts)
+        types = [row for part in parts for row in part.types] if with_types else None  # type: ignore[union-attr]
+        labels = torch.cat([part.labels for part in parts]).numpy()
+        return cls(ids, types, labels, parts[0].pad_id)
+
     def batch(self, indices: list[int], device: torch.device | None = None) -> dict[str, torch.Tensor]:
         length = max(len(self.ids[i]) for i in indices)
         input_ids = torch.full((len(indices), length), self.pad_id, dtype=torch.long)

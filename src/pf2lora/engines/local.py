@@ -40,8 +40,10 @@ class LocalEngine:
         state_dir: Path | None = None,
         compression: str = "none",
     ) -> None:
-        """``state_dir``: keep client states on disk there instead of in memory. ``compression``:
-        none | fp16 | bf16, the dtype of what travels each way."""
+        """``train`` and ``test``: each client's splits. A method that trains on pooled data (centralized)
+        passes one training set and is still evaluated on every test split. ``state_dir``: keep client
+        states on disk there instead of in memory. ``compression``: none | fp16 | bf16, the dtype of
+        what travels each way."""
         self.compression = compression
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
@@ -50,6 +52,11 @@ class LocalEngine:
 
     @property
     def client_ids(self) -> list[int]:
+        """The clients that are evaluated (each has a test split)."""
+        return list(range(len(self.test_data)))
+
+    @property
+    def train_ids(self) -> list[int]:
         return list(range(len(self.train_data)))
 
     def state(self, cid: int) -> ClientState:
@@ -61,7 +68,7 @@ class LocalEngine:
 
     def train_round(self, server_round: int) -> Record:
         """One communication round: local training on the sampled clients, then aggregation."""
-        instructions = self.server.configure_train(server_round, self.client_ids)
+        instructions = self.server.configure_train(server_round, self.train_ids)
         results, clients = {}, {}
         for cid, instruction in instructions.items():
             params, down = transmit(instruction.params, self.compression)
@@ -70,7 +77,13 @@ class LocalEngine:
             )
             params, up = transmit(result.params, self.compression)
             results[cid] = TrainResult(params, result.num_examples, result.metrics)
-            clients[cid] = {**result.metrics, "bytes_received": down, "bytes_sent": up}
+            clients[cid] = {
+                **result.metrics,
+                "bytes_received": down,
+                "bytes_sent": up,
+                "parameters_received": _numel(instruction.params),
+                "parameters_sent": _numel(result.params),
+            }
             self.on_step()
         self.server.aggregate_train(server_round, results)
         del results
@@ -81,12 +94,19 @@ class LocalEngine:
         """Every client on its own test split; its effective rank per adapted module."""
         metrics, ranks = {}, {}
         for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
-            instruction = Instruction(transmit(instruction.params, self.compression)[0], instruction.config)
             state = self.state(cid)
+            instruction = self.client_view(cid, instruction, state)
             prediction = self.client.predict(cid, instruction, state, self.test_data[cid])
             metrics[cid] = classification_metrics(prediction)
             ranks[cid] = self.client.effective_ranks(instruction, state)
         return metrics, ranks
+
+    def client_view(self, cid: int, instruction: Instruction, state: ClientState | None = None) -> Instruction:
+        """What client ``cid`` evaluates: the server's evaluation instruction as it arrives, adapted
+        by the method to the client's own training data where it does that (Per-FedAvg)."""
+        instruction = Instruction(transmit(instruction.params, self.compression)[0], instruction.config)
+        own_train = self.train_data[cid] if len(self.train_data) == len(self.test_data) else None
+        return self.client.personalize(cid, instruction, self.state(cid) if state is None else state, own_train)
 
     def run(
         self, rounds: int, eval_every: int = 0, on_round: Callable[[Record], None] | None = None
@@ -103,3 +123,7 @@ class LocalEngine:
             if on_round is not None:
                 on_round(record)
         return final
+
+
+def _numel(params: dict) -> int:
+    return sum(t.numel() for t in params.values())

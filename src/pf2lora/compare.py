@@ -1,0 +1,326 @@
+"""``pf2lora compare``: the paper's comparison tables (Tables 1 and 16) on any config.
+
+Every row (a method, or a method with overrides: an ablation or one value of a sweep) runs on the
+same client partitions in every column (a dataset and heterogeneity level), once per seed. A cell
+is the mean over clients of the chosen metric, each client on its own test split; the table shows
+its mean +- std over seeds, with the trainable and communicated parameters of each row (the
+paper's Tables 7 and 22 columns). Each run is an ordinary run directory under ``<out>/runs``; the
+table is written as Markdown, CSV and JSON, with a PNG plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pf2lora.config import ConfigError, ExperimentConfig, load_config
+
+METRICS = ("accuracy", "mcc", "macro_f1")
+ABLATIONS = {"bilevel": ("pf2lora", ["train.hypergradient=joint"])}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a method with optional config overrides."""
+
+    algorithm: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.algorithm + (f" ({', '.join(self.overrides)})" if self.overrides else "")
+
+    @property
+    def slug(self) -> str:
+        return _slug(self.label)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: a dataset at one heterogeneity level."""
+
+    dataset: str
+    heterogeneity: float
+    label: str
+
+    @property
+    def slug(self) -> str:
+        return _slug(f"{self.dataset}-h{self.heterogeneity:g}")
+
+
+@dataclass
+class Plan:
+    rows: list[Row]
+    columns: list[Column]
+    seeds: list[int]
+    metric: str
+    runs: list[tuple[Row, Column, int, ExperimentConfig]] = field(default_factory=list)
+
+
+def _slug(text: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in text)
+    return "_".join(part for part in keep.split("_") if part)
+
+
+def _as_list(raw: str) -> list[Any]:
+    value = yaml.safe_load(raw)
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        return [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
+    return [value]
+
+
+def plan(
+    config: str | None,
+    items: list[str],
+    sweeps: list[str] | None = None,
+    variants: list[str] | None = None,
+    ablations: list[str] | None = None,
+    metric: str = "accuracy",
+) -> Plan:
+    """Resolve the grid and validate every run's config before anything runs (ConfigError on bad input).
+
+    ``items``: ``key=value`` overrides, where ``algorithms=``, ``heterogeneity=``, ``seeds=`` and
+    ``datasets=`` take comma-separated lists (the axes of the grid). ``sweeps``: ``KEY=V1,V2,...``,
+    one row per algorithm and value (several sweeps: every combination). ``variants``: ``"ALGORITHM
+    key=value ..."``, one extra row each. ``ablations``: names in :data:`ABLATIONS`.
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
+    axes: dict[str, list[Any]] = {}
+    overrides: list[str] = []
+    for item in items:
+        key, _, raw = item.partition("=")
+        if not _ or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key = key.strip()
+        if key in ("algorithms", "algorithm", "heterogeneity", "data.heterogeneity", "seeds", "datasets", "dataset"):
+            axis = {"algorithm": "algorithms", "data.heterogeneity": "heterogeneity", "dataset": "datasets"}.get(
+                key, key
+            )
+            axes[axis] = _as_list(raw)
+        else:
+            overrides.append(item)
+    cfg = load_config(config, overrides)
+    algorithms = [str(a) for a in axes.get("algorithms", cfg.algorithms)]
+    levels = axes.get("heterogeneity", [cfg.data.heterogeneity])
+    seeds = axes.get("seeds", [cfg.seed])
+    datasets = [str(d) for d in axes.get("datasets", [cfg.data.dataset])]
+    for name, values in (
+        ("algorithms", algorithms),
+        ("heterogeneity", levels),
+        ("seeds", seeds),
+        ("datasets", datasets),
+    ):
+        if not values:
+            raise ConfigError(f"{name}: give at least one value")
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise ConfigError(f"seeds: expected integers, got {s!r}")
+    for h in levels:
+        if not isinstance(h, (int, float)) or isinstance(h, bool):
+            raise ConfigError(f"heterogeneity: expected numbers, got {h!r}")
+    if len(levels) > 1 and cfg.data.partition != "heterogeneity":
+        raise ConfigError(f"several heterogeneity levels need data.partition=heterogeneity, not {cfg.data.partition}")
+
+    rows = [Row(a) for a in algorithms]
+    sweep_axes = []
+    for sweep in sweeps or []:
+        key, _, raw = sweep.partition("=")
+        if not _ or not key.strip() or not raw.strip():
+            raise ConfigError(f"--sweep {sweep!r} is not of the form KEY=V1,V2,...")
+        sweep_axes.append([f"{key.strip()}={v}" for v in _as_list(raw)])
+    if sweep_axes:
+        rows = [Row(a, tuple(combo)) for a in algorithms for combo in itertools.product(*sweep_axes)]
+    for name in ablations or []:
+        if name not in ABLATIONS:
+            raise ConfigError(f"unknown ablation {name!r} (choose from {', '.join(ABLATIONS)})")
+        algorithm, extra = ABLATIONS[name]
+        rows.append(Row(algorithm, tuple(extra)))
+    for variant in variants or []:
+        parts = variant.split()
+        if not parts or "=" in parts[0]:
+            raise ConfigError(f"--variant {variant!r} must be 'ALGORITHM key=value ...'")
+        rows.append(Row(parts[0], tuple(parts[1:])))
+    rows = list(dict.fromkeys(rows))  # no duplicate rows
+
+    many = len(datasets) > 1
+    columns = [
+        Column(d, float(h), f"{d} h={float(h):g}" if many else f"h={float(h):g}") for d in datasets for h in levels
+    ]
+    result = Plan(rows, columns, [int(s) for s in seeds], metric)
+    for column, seed, row in itertools.product(columns, result.seeds, rows):
+        run_overrides = [
+            *overrides,
+            f"data.dataset={column.dataset}",
+            f"data.heterogeneity={column.heterogeneity}",
+            f"seed={seed}",
+            *row.overrides,
+        ]
+        run_cfg = load_config(config, run_overrides)
+        run_cfg.algorithms = [row.algorithm]
+        run_cfg.validate()
+        result.runs.append((row, column, seed, run_cfg))
+    return result
+
+
+def run_dir(out: Path, row: Row, column: Column, seed: int) -> Path:
+    return out / "runs" / f"{column.slug}-seed{seed}" / row.slug
+
+
+def _data_key(cfg: ExperimentConfig) -> str:
+    """Runs whose data and model settings agree share one tokenised, partitioned dataset."""
+    return json.dumps([cfg.seed, cfg.data.__dict__, cfg.model.__dict__], sort_keys=True, default=str)
+
+
+def execute(
+    grid: Plan,
+    out: Path,
+    resume: bool = False,
+    on_run: Callable[[int, int, str], None] | None = None,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> dict[str, Any]:
+    """Prepare every distinct dataset first (all bad input surfaces before training), then run the
+    grid, skipping finished runs when ``resume``. Writes and returns the table."""
+    from pf2lora.experiment import Prepared, prepare, run_experiment
+
+    data = {}
+    for _, _, _, cfg in grid.runs:
+        key = _data_key(cfg)
+        if key not in data:
+            prepared = prepare(cfg)
+            prepared.checked = None  # the model is loaded again for each run; keep memory flat
+            data[key] = prepared.data
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for i, (row, column, seed, cfg) in enumerate(grid.runs):
+        folder = run_dir(out, row, column, seed)
+        if on_run is not None:
+            on_run(i, len(grid.runs), f"{row.label} | {column.label} | seed {seed}")
+        if resume and _finished(folder, cfg):
+            continue
+        if folder.exists():
+            for stale in sorted(folder.rglob("*"), reverse=True):
+                stale.unlink() if stale.is_file() else stale.rmdir()
+        run_experiment(Prepared(cfg, data[_data_key(cfg)]), folder, progress)
+    table = build_table(grid, out)
+    table["seconds"] = round(time.perf_counter() - started, 1)
+    write_table(table, out)
+    return table
+
+
+def _finished(folder: Path, cfg: ExperimentConfig) -> bool:
+    try:
+        done = yaml.safe_load((folder / "config.yaml").read_text()) == cfg.to_dict()
+        return done and (folder / "results.json").is_file()
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def build_table(grid: Plan, out: Path) -> dict[str, Any]:
+    """Collect every run's results.json into the table (rows x columns, mean +- std over seeds)."""
+    rows = []
+    for row in grid.rows:
+        cells, trainable, communicated = {}, [], []
+        for column in grid.columns:
+            per_seed, per_client = [], {}
+            for seed in grid.seeds:
+                results = json.loads((run_dir(out, row, column, seed) / "results.json").read_text())
+                r = results[row.algorithm]
+                per_seed.append(r["mean"][grid.metric])
+                for cid, metrics in r["clients"].items():
+                    per_client.setdefault(cid, []).append(metrics[grid.metric])
+                trainable.append(r["trainable_parameters"])
+                communicated.append(r["communicated_parameters_per_client_round"])
+            cells[column.label] = {
+                "mean": float(np.mean(per_seed)),
+                "std": float(np.std(per_seed)),
+                "seeds": per_seed,
+                "clients": {cid: float(np.mean(v)) for cid, v in sorted(per_client.items(), key=lambda kv: int(kv[0]))},
+            }
+        rows.append(
+            {
+                "method": row.label,
+                "algorithm": row.algorithm,
+                "overrides": list(row.overrides),
+                "trainable_parameters": round(float(np.mean(trainable))),
+                "communicated_parameters_per_client_round": (
+                    None if any(c is None for c in communicated) else round(float(np.mean(communicated)))
+                ),
+                "cells": cells,
+            }
+        )
+    return {
+        "metric": grid.metric,
+        "columns": [c.label for c in grid.columns],
+        "seeds": grid.seeds,
+        "rows": rows,
+    }
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.3f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def markdown(table: dict[str, Any]) -> str:
+    columns = table["columns"]
+    header = ["Method", "Trainable params", "Comm. params / client / round", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    best = {c: max(r["cells"][c]["mean"] for r in table["rows"]) for c in columns}
+    for r in table["rows"]:
+        cells = []
+        for c in columns:
+            cell = r["cells"][c]
+            text = f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}"
+            cells.append(f"**{text}**" if math.isclose(cell["mean"], best[c]) else text)
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    _params(r["trainable_parameters"]),
+                    _params(r["communicated_parameters_per_client_round"]),
+                    *cells,
+                ]
+            )
+            + " |"
+        )
+    seeds = ", ".join(str(s) for s in table["seeds"])
+    lines.append("")
+    lines.append(
+        f"{table['metric']} (x100), mean over clients (each on its own test split), mean ± std over seeds {seeds}; "
+        "best per column in bold. Communicated: parameters sent plus received per client per round."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: dict[str, Any], out: Path) -> None:
+    (out / "table.json").write_text(json.dumps(table, indent=2))
+    (out / "table.md").write_text(markdown(table))
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        columns = table["columns"]
+        writer.writerow(
+            ["method", "trainable_parameters", "communicated_parameters_per_client_round"]
+            + [f"{c} {k}" for c in columns for k in ("mean", "std")]
+        )
+        for r in table["rows"]:
+            comm = r["communicated_parameters_per_client_round"]
+            values = [f"{r['cells'][c][k]:.6f}" for c in columns for k in ("mean", "std")]
+            writer.writerow([r["method"], r["trainable_parameters"], "" if comm is None else comm, *values])
+    from pf2lora.plots import plot_compare
+
+    plot_compare(table, out / "compare.png")
