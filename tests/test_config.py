@@ -78,3 +78,29 @@ def test_bad_files(tmp_path: Path) -> None:
 def test_repository_configs_are_valid() -> None:
     for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
         assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_per_method_settings_merge_for_that_method_only() -> None:
+    cfg = load_config(
+        None, ["train.lr=0.002", "per_method.pf2lora.train.lr=0.001", "per_method.perfedavg.perfedavg.alpha=0.5"]
+    )
+    assert cfg.for_method("pf2lora").train.lr == 0.001
+    assert cfg.for_method("homlora").train.lr == 0.002
+    assert cfg.for_method("perfedavg").perfedavg.alpha == 0.5 and cfg.perfedavg.alpha == 0.01
+    assert cfg.for_method("pf2lora").train.rounds == cfg.train.rounds
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("per_method.fedprox.train.lr=0.1", "per_method: unknown algorithm 'fedprox'"),
+        ("per_method.pf2lora.data.heterogeneity=0.1", "data cannot differ between methods"),
+        ("per_method.pf2lora.train.lr=-1", "train.lr must be > 0"),
+        ("per_method.pf2lora.train.lrr=1", "unknown config key 'train.lrr'"),
+        ("per_method.pf2lora=3", "per_method.pf2lora: expected a mapping"),
+    ],
+)
+def test_bad_per_method_settings(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)

@@ -169,18 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config, overrides)
         out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from pf2lora.config import HETEROGENEOUS_ALGORITHMS
         from pf2lora.experiment import check_out_dir, prepare, run_experiment
+        from pf2lora.experiments.heterogeneous import prepare_heterogeneous, run_heterogeneous
 
         check_out_dir(out, args.force)
-        prepared = prepare(cfg)
+        heterogeneous = cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS
+        prepared = prepare_heterogeneous(cfg) if heterogeneous else prepare(cfg)
     except ConfigError as err:
         print(f"pf2lora: error: {err}", file=sys.stderr)
         return 2
-    from pf2lora.report import Progress, print_summary
+    from pf2lora.report import Progress, print_accounting, print_summary
 
     with Progress(disabled=args.quiet) as progress:
-        results = run_experiment(prepared, out, progress.task)
-    print_summary(results, out)
+        if heterogeneous:
+            results = run_heterogeneous(prepared, out, progress.task)  # type: ignore[arg-type]
+        else:
+            results = run_experiment(prepared, out, progress.task)  # type: ignore[arg-type]
+    print_summary({k: v for k, v in results.items() if k != "accounting"}, out)
+    if heterogeneous:
+        print_accounting(results)
     return 0
 
 

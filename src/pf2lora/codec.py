@@ -22,7 +22,9 @@ def compress(params: Params, compression: str) -> Params:
 
 
 def transmit(params: Params, compression: str) -> tuple[Params, int]:
-    """The payload as the receiver gets it, and its size on the wire in bytes."""
+    """The payload as the receiver gets it, and its size on the wire in bytes (0 when nothing travels)."""
+    if not params:
+        return params, 0
     sent = compress(params, compression)
     received = {k: sent[k].to(v.dtype) for k, v in params.items()} if sent is not params else params
     return received, payload_bytes(sent)

@@ -16,10 +16,14 @@ from typing import Any
 
 import yaml
 
-ALGORITHMS = ("pf2lora", "homlora", "hetlora", "perfedavg", "centralized")
+LORA_ALGORITHMS = ("pf2lora", "homlora", "hetlora", "perfedavg", "centralized")
+# model-heterogeneous methods: each client its own model (pFedLoRA) and the baselines beside it
+HETEROGENEOUS_ALGORITHMS = ("pfedlora", "local", "fedavg")
+ALGORITHMS = LORA_ALGORITHMS + HETEROGENEOUS_ALGORITHMS
 HESSIANS = ("first_order", "exact", "finite_difference")
 HYPERGRADIENTS = ("exact", "finite_difference", "first_order", "joint")
-PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid")
+PER_METHOD_SECTIONS = ("lora", "train", "hetlora", "perfedavg", "pfedlora")
+PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid", "classes")
 
 
 class ConfigError(ValueError):
@@ -57,9 +61,10 @@ class DataConfig:
     max_examples: int | None = _help("seeded subsample of the training split (None: all)", None)
     max_test_examples: int | None = _help("seeded subsample of the test split (None: all)", None)
     num_clients: int = _help("number of federated clients M", 8)
-    partition: str = _help("heterogeneity | key | dirichlet | iid", "heterogeneity")
+    partition: str = _help("heterogeneity | key | dirichlet | iid | classes", "heterogeneity")
     heterogeneity: float = _help("h in [0, 1]: label-sorted fraction of each client's data", 0.9)
     dirichlet_alpha: float = _help("concentration of the Dirichlet label skew", 0.5)
+    classes_per_client: int = _help("labels per client for partition=classes (pathological non-IID)", 2)
 
 
 @dataclass
@@ -89,6 +94,21 @@ class PerFedAvgConfig:
     hessian: str = _help(
         "first_order | exact | finite_difference: the Hessian-vector term of the meta-gradient", "first_order"
     )
+
+
+@dataclass
+class PFedLoRAConfig:
+    models: list[str] = _help(
+        "local architectures dealt round-robin (client k gets models[k mod len]): cnn1..cnn5, encoder-N "
+        "(the model.name encoder cut to N layers) or module.path:factory",
+        factory=lambda: ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"],
+    )
+    fedavg_model: str = _help("the one architecture every client has in the fedavg baseline", "cnn1")
+    rep_dim: int = _help("d, the representation every local model ends in (the adapter's input)", 500)
+    adapter_rank: int = _help("rank r of the adapter B A (A: r x d, B: classes x r)", 8)
+    mu: float = _help("balance: (1 - mu) CE(head) + mu CE(adapter) in training and in prediction", 0.5)
+    adapter_lr: float = _help("AdamW learning rate of the adapter phase", 1e-3)
+    adapter_steps: int | None = _help("adapter steps per round (None: train.local_steps)", None)
 
 
 @dataclass
@@ -124,6 +144,21 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
     perfedavg: PerFedAvgConfig = field(default_factory=PerFedAvgConfig)
+    pfedlora: PFedLoRAConfig = field(default_factory=PFedLoRAConfig)
+    per_method: dict[str, Any] = _help(
+        "settings for one method only, e.g. {pf2lora: {train: {lr: 1e-3}}} (sections lora, train, hetlora, "
+        "perfedavg): the paper tunes learning rates per method (its Table 6)",
+        factory=dict,
+    )
+
+    def for_method(self, name: str) -> ExperimentConfig:
+        """This config with ``per_method[name]`` merged in (the data, model and seed stay shared)."""
+        extra = self.per_method.get(name)
+        if not extra:
+            return self
+        merged = _merge(self.to_dict(), extra)
+        merged["per_method"] = {}
+        return from_dict(ExperimentConfig, merged).validate()
 
     def validate(self) -> ExperimentConfig:
         """Check every value that can be checked before loading data or a model."""
@@ -144,6 +179,7 @@ class ExperimentConfig:
         )
         _check(0.0 <= d.heterogeneity <= 1.0, f"data.heterogeneity must be in [0, 1], got {d.heterogeneity}")
         _check(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
+        _check(d.classes_per_client >= 1, f"data.classes_per_client must be >= 1, got {d.classes_per_client}")
         _check(0.0 < d.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
         for key in ("max_examples", "max_test_examples"):
             value = getattr(d, key)
@@ -181,12 +217,40 @@ class ExperimentConfig:
         _check(
             t.client_state in ("memory", "disk"), f"train.client_state must be memory or disk, got {t.client_state!r}"
         )
+        hetero = [a for a in self.algorithms if a in HETEROGENEOUS_ALGORITHMS]
+        _check(
+            not hetero or len(hetero) == len(self.algorithms),
+            f"algorithms: {', '.join(hetero)} train each client's own model and run apart from the LoRA methods "
+            f"({', '.join(a for a in self.algorithms if a not in hetero)}); run them separately",
+        )
+        pf = self.pfedlora
+        _check(bool(pf.models), "pfedlora.models: give at least one architecture")
+        for key in ("rep_dim", "adapter_rank"):
+            _check(getattr(pf, key) >= 1, f"pfedlora.{key} must be >= 1, got {getattr(pf, key)}")
+        _check(0 <= pf.mu <= 1, f"pfedlora.mu must be in [0, 1], got {pf.mu}")
+        _check(pf.adapter_lr > 0, f"pfedlora.adapter_lr must be > 0, got {pf.adapter_lr}")
+        _check(
+            pf.adapter_steps is None or pf.adapter_steps >= 1,
+            f"pfedlora.adapter_steps must be >= 1, got {pf.adapter_steps}",
+        )
         per = self.perfedavg
         _check(per.alpha > 0, f"perfedavg.alpha must be > 0, got {per.alpha}")
         _check(
             per.hessian in HESSIANS,
             f"unknown perfedavg.hessian {per.hessian!r} (choose from {', '.join(HESSIANS)})",
         )
+        for method, extra in self.per_method.items():
+            _check(method in ALGORITHMS, f"per_method: unknown algorithm {method!r}")
+            _check(isinstance(extra, dict), f"per_method.{method}: expected a mapping of sections")
+            bad = sorted(set(extra) - set(PER_METHOD_SECTIONS))
+            _check(
+                not bad,
+                f"per_method.{method}: {', '.join(bad)} cannot differ between methods "
+                f"(allowed: {', '.join(PER_METHOD_SECTIONS)})",
+            )
+        if self.per_method:
+            for method in self.per_method:
+                self.for_method(method)  # every merged config must be valid too
         het = self.hetlora
         _check(het.r_min >= 1, f"hetlora.r_min must be >= 1, got {het.r_min}")
         _check(het.r_min <= het.r_max, f"hetlora.r_min ({het.r_min}) must not exceed hetlora.r_max ({het.r_max})")
@@ -203,6 +267,16 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _check(ok: bool, message: str) -> None:
@@ -244,6 +318,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):
@@ -275,15 +353,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
 
 
-def _leaf_paths(cls: type, prefix: str = "") -> dict[str, str]:
-    """Map every leaf field name to its dotted path (used to resolve short override keys)."""
-    paths: dict[str, str] = {}
+def _leaf_paths(cls: type, prefix: str = "") -> dict[str, list[str]]:
+    """Map every leaf field name to its dotted paths (used to resolve short override keys)."""
+    paths: dict[str, list[str]] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            paths.update(_leaf_paths(hints[f.name], f"{prefix}{f.name}."))
+            for name, found in _leaf_paths(hints[f.name], f"{prefix}{f.name}.").items():
+                paths.setdefault(name, []).extend(found)
         else:
-            paths[f.name] = f"{prefix}{f.name}"
+            paths.setdefault(f.name, []).append(f"{prefix}{f.name}")
     return paths
 
 
@@ -308,7 +387,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         leaves = _leaf_paths(ExperimentConfig)
         if key not in leaves:
             raise ConfigError(f"unknown config key {key!r}")
-        key = leaves[key]
+        if len(leaves[key]) > 1:
+            raise ConfigError(f"config key {key!r} is ambiguous ({' or '.join(leaves[key])}): use the dotted path")
+        key = leaves[key][0]
     node = data
     parts = key.split(".")
     for part in parts[:-1]:

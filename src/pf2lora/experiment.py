@@ -96,13 +96,14 @@ def run_experiment(
     with open(out / "metrics.jsonl", "w") as metrics_file:
         for name in cfg.algorithms:
             started = time.perf_counter()
-            server, client, model = build_algorithm(name, cfg, prepared.base_model())
+            mcfg = cfg.for_method(name)  # per_method settings merged in
+            server, client, model = build_algorithm(name, mcfg, prepared.base_model())
             pooled = name in POOLED
             train = [TokenizedData.pool(data.train)] if pooled else data.train
-            steps = cfg.train.rounds * (1 if pooled else clients_per_round(len(train), cfg.train.client_fraction))
-            state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
+            steps = mcfg.train.rounds * (1 if pooled else clients_per_round(len(train), mcfg.train.client_fraction))
+            state_dir = out / "client_state" / name if mcfg.train.client_state == "disk" else None
             on_step = progress(name, steps) if progress else None
-            engine = LocalEngine(server, client, train, data.test, on_step, state_dir, cfg.train.compression)
+            engine = LocalEngine(server, client, train, data.test, on_step, state_dir, mcfg.train.compression)
             traffic = Traffic()
 
             def write(record: dict[str, Any], name: str = name, traffic: Traffic = traffic) -> None:
@@ -110,7 +111,7 @@ def run_experiment(
                 metrics_file.write(json.dumps({"algorithm": name, **_jsonable(record)}) + "\n")
                 metrics_file.flush()
 
-            per_client, ranks = engine.run(cfg.train.rounds, cfg.train.eval_every, write)
+            per_client, ranks = engine.run(mcfg.train.rounds, mcfg.train.eval_every, write)
             mean, std = summarize(per_client)
             personal = _count(engine.states.get(0, {}).get("personal", {}))
             results[name] = {
@@ -125,8 +126,8 @@ def run_experiment(
                 "seconds": round(time.perf_counter() - started, 2),
             }
             _save_checkpoint(out / "checkpoints" / name, server.global_params, engine.states)
-            exporter = PeftExporter(prepared.base_model(), model.layout, cfg.lora.target_modules)
-            final = server.configure_evaluate(cfg.train.rounds, engine.client_ids)
+            exporter = PeftExporter(prepared.base_model(), model.layout, mcfg.lora.target_modules)
+            final = server.configure_evaluate(mcfg.train.rounds, engine.client_ids)
             for cid, instruction in final.items():
                 state = engine.state(cid)
                 params = {**engine.client_view(cid, instruction, state).params, **state.get("personal", {})}

@@ -72,3 +72,32 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
     console.print(table)
     console.print("rank = mean effective rank over clients and adapted modules (90% of singular-value mass)")
     console.print(f"run directory: {out}")
+
+
+def print_accounting(results: dict[str, Any]) -> None:
+    """Computation and communication per round of the model-heterogeneous methods."""
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)
+    table = Table(title="Cost per round (all clients of a round)")
+    for title in ("method", "models", "trainable / client", "FLOPs / round", "bytes / round"):
+        table.add_column(title, justify="left" if title in ("method", "models") else "right", no_wrap=True)
+    for method, r in results.items():
+        if method == "accounting":
+            continue
+        models = ", ".join(dict.fromkeys(r["models"].values()))
+        table.add_row(
+            method,
+            models,
+            f"{r['trainable_parameters']:,}",
+            f"{r['flops_per_round']:.3e}",
+            f"{r['bytes_per_round']:,.0f}",
+        )
+    console.print(table)
+    acc = results.get("accounting")
+    if acc:
+        console.print(
+            f"FedAvg of whole {acc['fedavg_model']} models against pFedLoRA: "
+            f"{acc['communication_fedavg_over_pfedlora']:.1f}x the bytes, "
+            f"{acc['computation_fedavg_over_pfedlora']:.2f}x the FLOPs per round"
+        )

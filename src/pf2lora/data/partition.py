@@ -8,6 +8,8 @@
   client, train and test alike; keys are dealt largest first to the client with fewest examples.
 - ``dirichlet``: per label, client proportions ~ Dir(alpha); the same proportions split the test.
 - ``iid``: h = 0.
+- ``classes``: the pathological split of the pFedLoRA paper: each client holds k labels; the test
+  split is divided by the same assignment.
 
 Every function is deterministic in its seed and drops no example.
 """
@@ -63,5 +65,29 @@ def by_proportions(labels: np.ndarray, proportions: np.ndarray, seed: int) -> li
         idx = rng.permutation(np.flatnonzero(labels == label))
         cuts = np.round(np.cumsum(proportions[label])[:-1] * len(idx)).astype(int)
         for client, chunk in enumerate(np.split(idx, cuts)):
+            parts[client].append(chunk)
+    return [np.sort(np.concatenate(p)) if p else np.array([], dtype=np.int64) for p in parts]
+
+
+def class_assignment(num_labels: int, num_clients: int, k: int, seed: int) -> list[np.ndarray]:
+    """The pathological non-IID split: client c holds k labels, dealt round-robin from a seeded
+    label order (``order[(c k + j) mod C]``), so every label goes to about ``M k / C`` clients."""
+    if not 1 <= k <= num_labels:
+        raise ConfigError(f"data.classes_per_client must be in [1, {num_labels}] for {num_labels} labels, got {k}")
+    order = np.random.default_rng(seed).permutation(num_labels)
+    return [np.sort(order[[(c * k + j) % num_labels for j in range(k)]]) for c in range(num_clients)]
+
+
+def by_classes(labels: np.ndarray, assignment: list[np.ndarray], seed: int) -> list[np.ndarray]:
+    """Every example of a label is split evenly (seeded) between the clients holding that label; a
+    label no client holds is left out (with M k >= C, e.g. 10 clients x 2 of 10 labels, none is)."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in assignment]
+    for label in np.unique(labels):
+        holders = [c for c, held in enumerate(assignment) if label in held]
+        if not holders:
+            continue
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        for client, chunk in zip(holders, np.array_split(idx, len(holders)), strict=True):
             parts[client].append(chunk)
     return [np.sort(np.concatenate(p)) if p else np.array([], dtype=np.int64) for p in parts]

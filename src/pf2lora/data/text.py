@@ -94,6 +94,10 @@ def client_indices(splits: TextSplits, cfg: DataConfig, seed: int) -> tuple[list
         owner = partition.key_assignment(splits.train["key"].to_numpy(), splits.test["key"].to_numpy(), m, seed)
         train = partition.by_key(splits.train["key"].to_numpy(), owner, m)
         test = partition.by_key(splits.test["key"].to_numpy(), owner, m)
+    elif cfg.partition == "classes":
+        assignment = partition.class_assignment(len(splits.label_names), m, cfg.classes_per_client, seed)
+        train = partition.by_classes(train_labels, assignment, seed)
+        test = partition.by_classes(test_labels, assignment, seed + 1)
     else:
         proportions = partition.dirichlet_proportions(len(splits.label_names), m, cfg.dirichlet_alpha, seed)
         train = partition.by_proportions(train_labels, proportions, seed)

@@ -1,0 +1,183 @@
+"""A run of the model-heterogeneous methods: pFedLoRA, local-only training, FedAvg of whole models.
+
+Same run directory as the LoRA methods (config.yaml, metrics.jsonl, results.json, plots,
+checkpoints), plus the accounting the pFedLoRA paper reports: floating-point operations per round
+(counted while training) and bytes per round (the serialized payloads), and pFedLoRA's ratios
+against whole-model FedAvg.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from pf2lora.algorithms.fedavg import FedAvgServer, clients_per_round
+from pf2lora.algorithms.pfedlora import (
+    FedAvgModelClient,
+    HeterogeneousClient,
+    LocalOnlyClient,
+    PFedLoRAClient,
+    PFedLoRAServer,
+    initial_adapter,
+)
+from pf2lora.config import ConfigError, ExperimentConfig
+from pf2lora.data.images import IMAGE_DATASETS, build_image_data
+from pf2lora.data.text import FederatedData, build_federated_data
+from pf2lora.engines.local import LocalEngine
+from pf2lora.metrics import summarize
+from pf2lora.zoo import ModelZoo
+
+CLIENTS = {"pfedlora": PFedLoRAClient, "local": LocalOnlyClient, "fedavg": FedAvgModelClient}
+
+
+@dataclass
+class PreparedHeterogeneous:
+    cfg: ExperimentConfig
+    data: FederatedData
+    zoos: dict[str, ModelZoo] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        name = self.cfg.model.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(name)
+
+
+def prepare_heterogeneous(cfg: ExperimentConfig) -> PreparedHeterogeneous:
+    """Load and partition the data, build every client's model and check it gives the shared
+    dimension on the client's own data. Raises ConfigError on any bad input, before training."""
+    cfg.validate()
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={cfg.model.device} but torch sees no CUDA device")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.data.dataset in IMAGE_DATASETS:
+        data = build_image_data(cfg.data, cfg.seed)
+        in_shape: tuple[int, ...] | None = tuple(data.train[0].images.shape[1:])  # type: ignore[attr-defined]
+    else:
+        from pf2lora.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.name)
+        data = build_federated_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed)
+        in_shape = None
+    prepared = PreparedHeterogeneous(cfg, data)
+    m, pf = cfg.data.num_clients, cfg.pfedlora
+    for name in cfg.algorithms:
+        names = [pf.fedavg_model] if name == "fedavg" else pf.models
+        zoo = ModelZoo(names, m, in_shape, pf.rep_dim, data.num_labels, cfg.seed, cfg.model.name)
+        for cid in range(m):
+            sample = data.train[cid]
+            zoo.check(cid, sample.batch(list(range(min(2, len(sample))))))
+        prepared.zoos[name] = zoo
+    return prepared
+
+
+def build(name: str, prepared: PreparedHeterogeneous) -> tuple[FedAvgServer, HeterogeneousClient]:
+    cfg, zoo = prepared.cfg, prepared.zoos[name]
+    pf, t = cfg.pfedlora, cfg.train
+    if name == "pfedlora":
+        initial = initial_adapter(pf.rep_dim, prepared.data.num_labels, pf.adapter_rank, cfg.seed)
+    elif name == "fedavg":
+        initial = zoo.initial_state(0)  # one global model for everyone
+    else:
+        initial = {}  # local-only: nothing travels
+    server_cls = PFedLoRAServer if name == "pfedlora" else FedAvgServer
+    server = server_cls(initial, "weighted", t.client_fraction, cfg.seed)  # FedAvg by training-set size
+    client = CLIENTS[name](zoo, t, pf, cfg.seed).to(prepared.device)
+    return server, client
+
+
+class Accounting:
+    """Per round: FLOPs and bytes summed over the clients that trained."""
+
+    def __init__(self) -> None:
+        self.flops: list[float] = []
+        self.bytes: list[int] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        clients = record["clients"].values()
+        self.flops.append(float(sum(c["flops"] for c in clients)))
+        self.bytes.append(int(sum(c["bytes_sent"] + c["bytes_received"] for c in clients)))
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "flops_per_round": float(np.mean(self.flops)) if self.flops else 0.0,
+            "bytes_per_round": float(np.mean(self.bytes)) if self.bytes else 0.0,
+        }
+
+
+def run_heterogeneous(
+    prepared: PreparedHeterogeneous,
+    out: Path,
+    progress: Callable[[str, int], Callable[[], None]] | None = None,
+) -> dict[str, Any]:
+    """Run every method of ``prepared.cfg``; write the run directory; return ``results.json``."""
+    from pf2lora.experiment import _jsonable, _save_checkpoint
+
+    cfg, data = prepared.cfg, prepared.data
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    results: dict[str, Any] = {}
+    with open(out / "metrics.jsonl", "w") as metrics_file:
+        for name in cfg.algorithms:
+            started = time.perf_counter()
+            mcfg = cfg.for_method(name)
+            prepared_m = PreparedHeterogeneous(mcfg, data, prepared.zoos)
+            server, client = build(name, prepared_m)
+            steps = mcfg.train.rounds * clients_per_round(len(data.train), mcfg.train.client_fraction)
+            state_dir = out / "client_state" / name if mcfg.train.client_state == "disk" else None
+            engine = LocalEngine(
+                server,
+                client,
+                data.train,
+                data.test,
+                progress(name, steps) if progress else None,
+                state_dir,
+                mcfg.train.compression,
+            )
+            accounting = Accounting()
+
+            def write(record: dict[str, Any], name: str = name, accounting: Accounting = accounting) -> None:
+                accounting.add(record)
+                metrics_file.write(json.dumps({"algorithm": name, **_jsonable(record)}) + "\n")
+                metrics_file.flush()
+
+            per_client, _ = engine.run(mcfg.train.rounds, mcfg.train.eval_every, write)
+            mean, std = summarize(per_client)
+            zoo = prepared.zoos[name]
+            own = [sum(v.numel() for v in engine.state(c)["personal"].values()) for c in engine.client_ids]
+            shared = sum(v.numel() for v in server.global_params.values())
+            results[name] = {
+                "clients": {str(c): m for c, m in per_client.items()},
+                "mean": mean,
+                "std": std,
+                "effective_rank": {},
+                "models": {str(c): zoo.names[c] for c in engine.client_ids},
+                "trainable_parameters": round(float(np.mean(own))) + shared,
+                "communicated_parameters_per_client_round": 2 * shared,
+                **accounting.summary(),
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            _save_checkpoint(out / "checkpoints" / name, server.global_params, engine.states)
+            del engine, server, client
+    if "pfedlora" in results and "fedavg" in results:
+        p, f = results["pfedlora"], results["fedavg"]
+        results["accounting"] = {
+            "fedavg_model": cfg.pfedlora.fedavg_model,
+            "communication_fedavg_over_pfedlora": f["bytes_per_round"] / max(p["bytes_per_round"], 1.0),
+            "computation_fedavg_over_pfedlora": f["flops_per_round"] / max(p["flops_per_round"], 1.0),
+        }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    from pf2lora.plots import plot_run
+
+    plot_run(out, {k: v for k, v in results.items() if k != "accounting"}, out / "metrics.jsonl")
+    return results

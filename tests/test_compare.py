@@ -1,0 +1,156 @@
+"""`pf2lora compare`: the grid, its validation, the table built from the runs, and a real run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from pf2lora import compare
+from pf2lora.cli import main
+from pf2lora.config import ConfigError
+
+TINY = [
+    "data.num_clients=2",
+    "data.max_examples=48",
+    "data.max_test_examples=16",
+    "train.rounds=1",
+    "train.local_steps=1",
+    "train.batch_size=4",
+    "model.max_length=24",
+]
+
+
+def test_grid_rows_columns_and_run_configs() -> None:
+    grid = compare.plan(
+        None,
+        ["algorithms=pf2lora,homlora", "heterogeneity=0.6,1.0", "seeds=0,1", "rounds=3"],
+        ablations=["bilevel"],
+        variants=["perfedavg perfedavg.hessian=exact"],
+    )
+    labels = [r.label for r in grid.rows]
+    assert labels == [
+        "pf2lora",
+        "homlora",
+        "pf2lora (train.hypergradient=joint)",
+        "perfedavg (perfedavg.hessian=exact)",
+    ]
+    assert [c.label for c in grid.columns] == ["h=0.6", "h=1"]
+    assert len(grid.runs) == 4 * 2 * 2
+    for row, column, seed, cfg in grid.runs:
+        assert cfg.algorithms == [row.algorithm]
+        assert cfg.data.heterogeneity == column.heterogeneity and cfg.seed == seed and cfg.train.rounds == 3
+        if row.algorithm == "pf2lora" and row.overrides:
+            assert cfg.train.hypergradient == "joint"
+        if row.algorithm == "perfedavg":
+            assert cfg.perfedavg.hessian == "exact"
+
+
+def test_sweep_is_one_row_per_value_and_combination() -> None:
+    grid = compare.plan(None, ["algorithms=pf2lora"], sweeps=["personal_rank=1,2,4", "lower_lr=0.5,1.0"])
+    assert len(grid.rows) == 6
+    ranks = sorted({cfg.lora.personal_rank for _, _, _, cfg in grid.runs})
+    assert ranks == [1, 2, 4]
+    assert {cfg.train.lower_lr for _, _, _, cfg in grid.runs} == {0.5, 1.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"items": ["algorithms=pf2lora,fedprox"]}, "unknown algorithm 'fedprox'"),
+        ({"items": ["seeds=0,x"]}, "seeds: expected integers"),
+        ({"items": ["heterogeneity=0.5,1.5"]}, "heterogeneity must be in [0, 1]"),
+        ({"items": ["heterogeneity=0.5,0.9", "data.partition=dirichlet"]}, "need data.partition=heterogeneity"),
+        ({"items": [], "metric": "auc"}, "unknown metric 'auc'"),
+        ({"items": [], "ablations": ["dropout"]}, "unknown ablation 'dropout'"),
+        ({"items": [], "sweeps": ["personal_rank"]}, "is not of the form KEY=V1,V2"),
+        ({"items": [], "sweeps": ["personal_rank=1,9"]}, "must be smaller than lora.rank"),
+        ({"items": [], "variants": ["rank=3"]}, "must be 'ALGORITHM key=value ...'"),
+        ({"items": ["nonsense"]}, "is not of the form key=value"),
+    ],
+)
+def test_bad_grids_are_refused_before_any_run(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as err:
+        compare.plan(None, **kwargs)
+    assert message in str(err.value)
+
+
+def _fake_results(out: Path, grid: compare.Plan) -> None:
+    """results.json of every run: client c scores 0.1 * (c + 1) + 0.01 * seed (+ 0.2 for homlora)."""
+    for row, column, seed, _ in grid.runs:
+        folder = compare.run_dir(out, row, column, seed)
+        folder.mkdir(parents=True)
+        bonus = 0.2 if row.algorithm == "homlora" else 0.0
+        clients = {
+            str(c): {"accuracy": 0.1 * (c + 1) + 0.01 * seed + bonus, "mcc": 0.0, "macro_f1": 0.0} for c in range(2)
+        }
+        mean = sum(m["accuracy"] for m in clients.values()) / 2
+        result = {
+            "clients": clients,
+            "mean": {"accuracy": mean, "mcc": 0.0, "macro_f1": 0.0},
+            "trainable_parameters": 1000,
+            "communicated_parameters_per_client_round": None if row.algorithm == "centralized" else 2000,
+        }
+        (folder / "results.json").write_text(json.dumps({row.algorithm: result}))
+
+
+def test_table_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    grid = compare.plan(None, ["algorithms=pf2lora,homlora,centralized", "heterogeneity=0.6,1.0", "seeds=0,2"])
+    _fake_results(tmp_path, grid)
+    table = compare.build_table(grid, tmp_path)
+    compare.write_table(table, tmp_path)
+    rows = {r["method"]: r for r in table["rows"]}
+    cell = rows["homlora"]["cells"]["h=0.6"]
+    # per seed: mean over clients (0.1 + 0.2) / 2 + 0.01 seed + 0.2 -> 0.35, 0.37
+    assert cell["seeds"] == pytest.approx([0.35, 0.37])
+    assert cell["mean"] == pytest.approx(0.36) and cell["std"] == pytest.approx(0.01)
+    assert cell["clients"] == pytest.approx({"0": 0.31, "1": 0.41})
+    assert rows["centralized"]["communicated_parameters_per_client_round"] is None
+    md = (tmp_path / "table.md").read_text()
+    assert "| homlora | 1.0K | 2.0K | **36.00 ± 1.00** | **36.00 ± 1.00** |" in md
+    assert "| centralized | 1.0K | – |" in md
+    with open(tmp_path / "table.csv") as f:
+        lines = list(csv.reader(f))
+    assert lines[0][:3] == ["method", "trainable_parameters", "communicated_parameters_per_client_round"]
+    assert len(lines) == 4 and all(len(line) == 3 + 2 * 2 for line in lines)
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY, "heterogeneity=0.5,7", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pf2lora: error: ") and len(err.splitlines()) == 1
+    assert main(["compare", *TINY, "data.dataset=nonexistent_set", "--out", str(out)]) == 2
+    assert "pf2lora: error: " in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    assert main(["compare", *TINY, "--out", str(out)]) == 2
+    assert (out / "keep.txt").read_text() == "earlier work"
+
+
+@pytest.mark.integration
+def test_compare_on_the_bundled_model_produces_a_complete_table(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    methods = "pf2lora,hetlora,homlora,perfedavg,centralized"
+    args = ["compare", *TINY, f"algorithms={methods}", "heterogeneity=0.5,1.0", "seeds=0", "--out", str(out)]
+    assert main([*args, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    table = json.loads((out / "table.json").read_text())
+    assert [r["method"] for r in table["rows"]] == methods.split(",")
+    for r in table["rows"]:
+        for column in ("h=0.5", "h=1"):
+            cell = r["cells"][column]
+            assert 0.0 <= cell["mean"] <= 1.0 and len(cell["seeds"]) == 1 and len(cell["clients"]) == 2
+        assert r["trainable_parameters"] > 0
+        assert (r["communicated_parameters_per_client_round"] is None) == (r["method"] == "centralized")
+        assert f"| {r['method']} |" in printed
+    assert {p.name for p in out.iterdir()} >= {"table.md", "table.csv", "table.json", "compare.png", "runs"}
+    # --resume keeps the finished runs: nothing is trained again
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
+    assert len(stamp) == 5 * 2
+    assert main([*args, "--quiet", "--resume"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamp
