@@ -61,6 +61,7 @@ def test_sweep_is_one_row_per_value_and_combination() -> None:
     [
         ({"items": ["algorithms=pf2lora,fedprox"]}, "unknown algorithm 'fedprox'"),
         ({"items": ["seeds=0,x"]}, "seeds: expected integers"),
+        ({"items": ["algorithms=pfedlora"]}, "run pfedlora with `pf2lora run`"),
         ({"items": ["heterogeneity=0.5,1.5"]}, "heterogeneity must be in [0, 1]"),
         ({"items": ["heterogeneity=0.5,0.9", "data.partition=dirichlet"]}, "need data.partition=heterogeneity"),
         ({"items": [], "metric": "auc"}, "unknown metric 'auc'"),

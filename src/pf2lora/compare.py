@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pf2lora.config import ConfigError, ExperimentConfig, load_config
+from pf2lora.config import HETEROGENEOUS_ALGORITHMS, ConfigError, ExperimentConfig, load_config
 
 METRICS = ("accuracy", "mcc", "macro_f1")
 ABLATIONS = {"bilevel": ("pf2lora", ["train.hypergradient=joint"])}
@@ -114,6 +114,9 @@ def plan(
             overrides.append(item)
     cfg = load_config(config, overrides)
     algorithms = [str(a) for a in axes.get("algorithms", cfg.algorithms)]
+    hetero = [a for a in algorithms if a in HETEROGENEOUS_ALGORITHMS]
+    if hetero:
+        raise ConfigError(f"compare runs the LoRA methods; run {', '.join(hetero)} with `pf2lora run`")
     levels = axes.get("heterogeneity", [cfg.data.heterogeneity])
     seeds = axes.get("seeds", [cfg.seed])
     datasets = [str(d) for d in axes.get("datasets", [cfg.data.dataset])]

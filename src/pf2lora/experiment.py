@@ -172,9 +172,10 @@ def _save_checkpoint(folder: Path, common: dict[str, torch.Tensor], states: dict
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in common.items()}, str(folder / "common.safetensors"))
     for cid, state in states.items():
-        if state.get("personal"):
-            personal = {k: v.contiguous() for k, v in state["personal"].items()}
-            save_file(personal, str(folder / f"personal_client{cid}.safetensors"))
+        for key in ("personal", "adapter"):  # a client's own parameters (pFedLoRA keeps its adapter too)
+            if state.get(key):
+                own = {k: v.contiguous() for k, v in state[key].items()}
+                save_file(own, str(folder / f"{key}_client{cid}.safetensors"))
 
 
 def _jsonable(value: Any) -> Any:

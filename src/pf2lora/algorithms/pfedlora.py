@@ -11,8 +11,10 @@ the same shape everywhere; it is the only thing that travels. A round on client 
    knowledge flows into the adapter), which is sent back.
 
 The server averages the adapters weighted by training-set size (FedAvg) over a fraction of clients
-per round. Prediction: ``(1 - mu) head(z) + mu adapter(z)``. The local model and its optimizer
-state stay on the client.
+per round. Prediction: ``(1 - mu) head(z) + mu adapter(z)`` with the client's adapter as its last
+round of local training left it (a client evaluates its own model after local training, as in
+Yi et al.'s evaluation; one that has not trained yet uses the global adapter). The local model,
+that adapter and the optimizer state stay on the client.
 
 Baselines, on the same engine: ``local`` (each client trains its own model alone, nothing travels)
 and ``fedavg`` (FedAvg of whole models; every client has the same architecture).
@@ -170,11 +172,16 @@ class PFedLoRAClient(HeterogeneousClient):
             opt.zero_grad(set_to_none=True)
             adapter_loss.backward()
             opt.step()
+        state["adapter"] = _cpu(adapter)
         return _cpu(adapter), loss
 
-    def combine(self, z: Tensor, head_logits: Tensor, received: Params) -> Tensor:
+    def predict(self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData) -> Prediction:
+        own = state.get("adapter")
+        return super().predict(client_id, Instruction(own, instruction.config) if own else instruction, state, data)
+
+    def combine(self, z: Tensor, head_logits: Tensor, adapter: Params) -> Tensor:
         mu = self.per.mu
-        return (1 - mu) * head_logits + mu * adapter_logits(z, {k: v.to(z.device) for k, v in received.items()})
+        return (1 - mu) * head_logits + mu * adapter_logits(z, {k: v.to(z.device) for k, v in adapter.items()})
 
 
 class LocalOnlyClient(HeterogeneousClient):
