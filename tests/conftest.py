@@ -46,6 +46,17 @@ def random_batch(size: int = 6, length: int = 7, num_labels: int = 3, seed: int 
     }
 
 
+def token_clients(m: int = 3, n: int = 24) -> list:
+    """M clients of n random 5-token examples; client c's label is c mod 3."""
+    from pf2lora.data.text import TokenizedData
+
+    g = torch.Generator().manual_seed(11)
+    return [
+        TokenizedData(torch.randint(1, 60, (n, 5), generator=g).tolist(), None, torch.full((n,), c % 3).numpy(), 0)
+        for c in range(m)
+    ]
+
+
 @pytest.fixture
 def tiny_model() -> TwoLevelModel:
     return tiny_two_level()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_two_level
+from conftest import tiny_two_level, token_clients
 from safetensors.torch import load, save
 
 from pf2lora.algorithms.base import Instruction, TrainResult
@@ -12,16 +12,7 @@ from pf2lora.algorithms.fedavg import FedAvgServer, sample_clients
 from pf2lora.algorithms.homlora import HomLoRAClient, HomLoRAServer
 from pf2lora.algorithms.pf2lora import PF2LoRAClient, PF2LoRAServer
 from pf2lora.config import TrainConfig
-from pf2lora.data.text import TokenizedData
 from pf2lora.engines.local import LocalEngine
-
-
-def _clients(m: int = 3, n: int = 24) -> list[TokenizedData]:
-    g = torch.Generator().manual_seed(11)
-    return [
-        TokenizedData(torch.randint(1, 60, (n, 5), generator=g).tolist(), None, torch.full((n,), c % 3).numpy(), 0)
-        for c in range(m)
-    ]
 
 
 def test_fedavg_uniform_and_weighted_by_hand() -> None:
@@ -49,7 +40,7 @@ def _run(algorithm: str, rounds: int = 2):
     server_cls, client_cls = (
         (PF2LoRAServer, PF2LoRAClient) if algorithm == "pf2lora" else (HomLoRAServer, HomLoRAClient)
     )
-    data = _clients()
+    data = token_clients()
     engine = LocalEngine(server_cls(model.initial_common()), client_cls(model, cfg, seed=5), data, data)
     records: list[dict] = []
     metrics, ranks = engine.run(rounds, eval_every=1, on_round=records.append)
@@ -82,7 +73,7 @@ def test_homlora_evaluates_the_global_model_and_sends_all_it_trains() -> None:
 def test_client_states_on_disk_give_the_same_run(tmp_path) -> None:
     model = tiny_two_level(dropout=0.1)
     cfg = TrainConfig(local_steps=2, batch_size=4, lower_lr=0.5)
-    data = _clients()
+    data = token_clients()
     runs = []
     for state_dir in (None, tmp_path / "states"):
         engine = LocalEngine(
@@ -105,7 +96,7 @@ def test_same_seed_same_result() -> None:
 def test_only_sampled_clients_train() -> None:
     model = tiny_two_level(personal_rank=0)
     server = HomLoRAServer(model.initial_common(), client_fraction=0.34, seed=0)
-    data = _clients()
+    data = token_clients()
     engine = LocalEngine(server, HomLoRAClient(model, TrainConfig(local_steps=1, batch_size=4)), data, data)
     record = engine.train_round(1)
     assert len(record["clients"]) == 2  # ceil(0.34 * 3)
@@ -116,7 +107,7 @@ def test_compressed_payloads_halve_the_bytes_and_stay_close() -> None:
     runs = {}
     for compression in ("none", "bf16"):
         model = tiny_two_level(personal_rank=2, dtype=torch.float32)
-        data = _clients()
+        data = token_clients()
         engine = LocalEngine(
             PF2LoRAServer(model.initial_common()),
             PF2LoRAClient(model, TrainConfig(local_steps=2, batch_size=4)),

@@ -7,12 +7,11 @@ import contextlib
 
 import pytest
 import torch
-from conftest import random_batch, tiny_two_level
+from conftest import random_batch, tiny_two_level, token_clients
 
 from pf2lora.algorithms.base import Instruction
 from pf2lora.algorithms.perfedavg import PerFedAvgClient, PerFedAvgServer
 from pf2lora.config import PerFedAvgConfig, TrainConfig
-from pf2lora.data.text import TokenizedData
 from pf2lora.engines.local import LocalEngine
 
 
@@ -74,7 +73,7 @@ def test_hessian_vector_meta_gradient_by_hand(hessian: str) -> None:
 def test_personalize_is_one_sgd_step_on_own_training_data() -> None:
     model = tiny_two_level(personal_rank=0)
     client = PerFedAvgClient(model, TrainConfig(batch_size=4), PerFedAvgConfig(alpha=0.5), seed=3)
-    data = _clients(1, 4)[0]  # batch_size = the whole split, so the step is deterministic
+    data = token_clients(1, 4)[0]  # batch_size = the whole split, so the step is deterministic
     params = {k: v + 0.01 for k, v in model.initial_common().items()}
     adapted = client.personalize(0, Instruction(params, {"server_round": 1}), client.init_state(0), data)
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -103,17 +102,9 @@ def test_exact_and_finite_difference_agree_on_a_transformer() -> None:
     assert (grads["exact"] - grads["first_order"]).norm() > 1e-6 * grads["exact"].norm()
 
 
-def _clients(m: int = 3, n: int = 24) -> list[TokenizedData]:
-    g = torch.Generator().manual_seed(11)
-    return [
-        TokenizedData(torch.randint(1, 60, (n, 5), generator=g).tolist(), None, torch.full((n,), c % 3).numpy(), 0)
-        for c in range(m)
-    ]
-
-
 def test_per_fedavg_on_the_engine_evaluates_the_personalised_model() -> None:
     model = tiny_two_level(personal_rank=0, dropout=0.1)
-    data = _clients()
+    data = token_clients()
     client = PerFedAvgClient(model, TrainConfig(local_steps=2, batch_size=4), PerFedAvgConfig(alpha=0.5), seed=1)
     engine = LocalEngine(PerFedAvgServer(model.initial_common()), client, data, data)
     metrics, _ = engine.run(2)

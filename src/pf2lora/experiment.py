@@ -83,6 +83,33 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise ConfigError(f"--out {out} already holds files; choose a new directory or pass --force")
 
 
+class RunLog:
+    """A run directory's ``config.yaml`` (written at once) and ``metrics.jsonl`` (one line per method
+    and round, flushed as it comes)."""
+
+    def __init__(self, out: Path, cfg: ExperimentConfig) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.path = out / "metrics.jsonl"
+        self._file = open(self.path, "w")  # noqa: SIM115 - closed by __exit__
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def recorder(self, name: str, also: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        """The engine's per-round callback for method ``name``: ``also(record)``, then one line."""
+
+        def write(record: dict[str, Any]) -> None:
+            also(record)
+            self._file.write(json.dumps({"algorithm": name, **_jsonable(record)}) + "\n")
+            self._file.flush()
+
+        return write
+
+
 def run_experiment(
     prepared: Prepared,
     out: Path,
@@ -90,10 +117,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run every method of ``prepared.cfg`` and write the run directory. Returns ``results.json``."""
     cfg, data = prepared.cfg, prepared.data
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results: dict[str, Any] = {}
-    with open(out / "metrics.jsonl", "w") as metrics_file:
+    with RunLog(out, cfg) as log:
         for name in cfg.algorithms:
             started = time.perf_counter()
             mcfg = cfg.for_method(name)  # per_method settings merged in
@@ -105,13 +130,7 @@ def run_experiment(
             on_step = progress(name, steps) if progress else None
             engine = LocalEngine(server, client, train, data.test, on_step, state_dir, mcfg.train.compression)
             traffic = Traffic()
-
-            def write(record: dict[str, Any], name: str = name, traffic: Traffic = traffic) -> None:
-                traffic.add(record)
-                metrics_file.write(json.dumps({"algorithm": name, **_jsonable(record)}) + "\n")
-                metrics_file.flush()
-
-            per_client, ranks = engine.run(mcfg.train.rounds, mcfg.train.eval_every, write)
+            per_client, ranks = engine.run(mcfg.train.rounds, mcfg.train.eval_every, log.recorder(name, traffic.add))
             mean, std = summarize(per_client)
             personal = _count(engine.states.get(0, {}).get("personal", {}))
             results[name] = {

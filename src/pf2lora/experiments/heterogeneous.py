@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from pf2lora.algorithms.fedavg import FedAvgServer, clients_per_round
 from pf2lora.algorithms.pfedlora import (
@@ -121,13 +120,11 @@ def run_heterogeneous(
     progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> dict[str, Any]:
     """Run every method of ``prepared.cfg``; write the run directory; return ``results.json``."""
-    from pf2lora.experiment import _jsonable, _save_checkpoint
+    from pf2lora.experiment import RunLog, _save_checkpoint
 
     cfg, data = prepared.cfg, prepared.data
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     results: dict[str, Any] = {}
-    with open(out / "metrics.jsonl", "w") as metrics_file:
+    with RunLog(out, cfg) as log:
         for name in cfg.algorithms:
             started = time.perf_counter()
             mcfg = cfg.for_method(name)
@@ -145,13 +142,7 @@ def run_heterogeneous(
                 mcfg.train.compression,
             )
             accounting = Accounting()
-
-            def write(record: dict[str, Any], name: str = name, accounting: Accounting = accounting) -> None:
-                accounting.add(record)
-                metrics_file.write(json.dumps({"algorithm": name, **_jsonable(record)}) + "\n")
-                metrics_file.flush()
-
-            per_client, _ = engine.run(mcfg.train.rounds, mcfg.train.eval_every, write)
+            per_client, _ = engine.run(mcfg.train.rounds, mcfg.train.eval_every, log.recorder(name, accounting.add))
             mean, std = summarize(per_client)
             zoo = prepared.zoos[name]
             own = [sum(v.numel() for v in engine.state(c)["personal"].values()) for c in engine.client_ids]
