@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -21,13 +22,14 @@ from safetensors.torch import save_file
 from pf2lora.adapters.export import PeftExporter
 from pf2lora.adapters.two_level import find_head, find_target_modules
 from pf2lora.algorithms import POOLED, build_algorithm
+from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ServerAlgorithm
 from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.config import ConfigError, ExperimentConfig
 from pf2lora.data.text import FederatedData, TokenizedData, build_federated_data
 from pf2lora.engines.local import LocalEngine
 from pf2lora.metrics import summarize
 from pf2lora.models import load_classifier, load_tokenizer
-from pf2lora.utils import stable_seed
+from pf2lora.utils import numel, stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +127,18 @@ def run_experiment(
             server, client, model = build_algorithm(name, mcfg, prepared.base_model())
             pooled = name in POOLED
             train = [TokenizedData.pool(data.train)] if pooled else data.train
-            steps = mcfg.train.rounds * (1 if pooled else clients_per_round(len(train), mcfg.train.client_fraction))
-            state_dir = out / "client_state" / name if mcfg.train.client_state == "disk" else None
-            on_step = progress(name, steps) if progress else None
-            engine = LocalEngine(server, client, train, data.test, on_step, state_dir, mcfg.train.compression)
+            engine = local_engine(out, name, mcfg, server, client, train, data.test, progress)
             traffic = Traffic()
             per_client, ranks = engine.run(mcfg.train.rounds, mcfg.train.eval_every, log.recorder(name, traffic.add))
             mean, std = summarize(per_client)
-            personal = _count(engine.states.get(0, {}).get("personal", {}))
+            personal = numel(engine.states.get(0, {}).get("personal", {}))
             results[name] = {
                 "clients": {str(c): m for c, m in per_client.items()},
                 "mean": mean,
                 "std": std,
                 "effective_rank": {str(c): r for c, r in ranks.items()},
                 # what one client trains: what it receives (its own rank for HETLoRA) plus its personal part
-                "trainable_parameters": _count(server.global_params) if pooled else traffic.received() + personal,
+                "trainable_parameters": numel(server.global_params) if pooled else traffic.received() + personal,
                 # nothing travels in centralized training
                 "communicated_parameters_per_client_round": None if pooled else traffic.per_client_round(),
                 "seconds": round(time.perf_counter() - started, 2),
@@ -159,19 +158,50 @@ def run_experiment(
     return results
 
 
+def local_engine(
+    out: Path,
+    name: str,
+    cfg: ExperimentConfig,
+    server: ServerAlgorithm,
+    client: ClientAlgorithm,
+    train: Sequence[ClientData],
+    test: Sequence[ClientData],
+    progress: Callable[[str, int], Callable[[], None]] | None,
+) -> LocalEngine:
+    """The in-process engine for method ``name`` of a run: client state in memory or under
+    ``out/client_state/<name>``, the configured compression, a progress bar of client-rounds."""
+    steps = cfg.train.rounds * clients_per_round(len(train), cfg.train.client_fraction)
+    state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
+    on_step = progress(name, steps) if progress else None
+    return LocalEngine(server, client, train, test, on_step, state_dir, cfg.train.compression)
+
+
 class Traffic:
-    """Parameters moved per client and round, from the engine's round records."""
+    """What moved and what was computed, from the engine's round records: parameters per client
+    and round, and (summed over a round's clients) bytes and FLOPs per round."""
 
     def __init__(self) -> None:
         self.received_per_client: dict[str, int] = {}
         self.total = 0
         self.replies = 0
+        self.bytes: list[int] = []
+        self.flops: list[float] = []
 
     def add(self, record: dict[str, Any]) -> None:
-        for cid, m in record.get("clients", {}).items():
+        clients = record.get("clients", {})
+        for cid, m in clients.items():
             self.received_per_client[str(cid)] = m["parameters_received"]
             self.total += m["parameters_received"] + m["parameters_sent"]
             self.replies += 1
+        self.bytes.append(sum(m["bytes_sent"] + m["bytes_received"] for m in clients.values()))
+        self.flops.append(float(sum(m.get("flops", 0.0) for m in clients.values())))
+
+    def per_round(self) -> dict[str, float]:
+        """Mean over rounds of the bytes (both ways) and FLOPs of all clients of a round."""
+        return {
+            "flops_per_round": float(np.mean(self.flops)) if self.flops else 0.0,
+            "bytes_per_round": float(np.mean(self.bytes)) if self.bytes else 0.0,
+        }
 
     def received(self) -> int:
         """Mean over clients of what each received last (the size of the model it trains)."""
@@ -181,10 +211,6 @@ class Traffic:
     def per_client_round(self) -> int:
         """Parameters sent plus received, per client and round."""
         return round(self.total / self.replies) if self.replies else 0
-
-
-def _count(params: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() for t in params.values())
 
 
 def _save_checkpoint(folder: Path, common: dict[str, torch.Tensor], states: dict[int, dict[str, Any]]) -> None:

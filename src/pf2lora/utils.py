@@ -39,6 +39,21 @@ def weighted_average(dicts: Iterable[Mapping[str, Tensor]], weights: Iterable[fl
     return out
 
 
+def numel(params: Mapping[str, Tensor]) -> int:
+    """Number of elements over all tensors of a parameter dict."""
+    return sum(t.numel() for t in params.values())
+
+
+def l2_norm(params: Mapping[str, Tensor]) -> float:
+    """Euclidean norm of a parameter dict taken as one vector (accumulated in float64)."""
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in params.values())))  # type: ignore[arg-type]
+
+
+def fork_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the RNGs dropout draws from on ``device`` (CPU, and CUDA there)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def payload_bytes(params: Mapping[str, Tensor]) -> int:
     """Bytes of the payload as it travels: the name-keyed safetensors serialization."""
     return len(save({k: v.detach().contiguous().cpu() for k, v in params.items()}))

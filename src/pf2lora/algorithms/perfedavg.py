@@ -26,15 +26,11 @@ from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import LoRAClient
 from pf2lora.config import PerFedAvgConfig, TrainConfig
 from pf2lora.data.sampling import draw
-from pf2lora.utils import rng_state, set_rng_state, stable_seed
+from pf2lora.utils import fork_rng, l2_norm, rng_state, set_rng_state, stable_seed
 
 
 class PerFedAvgServer(FedAvgServer):
     """Averages the meta-learned common adapter: ``x <- sum_k w_k x_k``."""
-
-
-def _norm(params: dict[str, Tensor]) -> float:
-    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in params.values())))  # type: ignore[arg-type]
 
 
 class PerFedAvgClient(LoRAClient):
@@ -80,14 +76,14 @@ class PerFedAvgClient(LoRAClient):
                 dot = sum((g * v[k]).sum() for g, k in zip(grads, names, strict=True))
                 hv = torch.autograd.grad(dot, [point[k] for k in names], allow_unused=True)
             return {k: torch.zeros_like(x[k]) if h is None else h for k, h in zip(names, hv, strict=True)}
-        norm = _norm(v)
+        norm = l2_norm(v)
         if norm == 0:
             return {k: torch.zeros_like(x[k]) for k in names}
         eps = self.cfg.fd_epsilon / norm
         device = self.model.device
         rng = rng_state(device)
         out = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with fork_rng(device):
             for sign in (1.0, -1.0):
                 set_rng_state(device, rng)  # the same dropout masks at both points
                 moved = {k: (x[k].detach() + sign * eps * v[k]).requires_grad_(True) for k in names}
@@ -105,7 +101,7 @@ class PerFedAvgClient(LoRAClient):
         round_ = instruction.config.get("server_round", 0)
         indices = draw({}, len(train_data), min(self.cfg.batch_size, len(train_data)), self.seed, "adapt", client_id)
         device = self.model.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with fork_rng(device):
             torch.manual_seed(stable_seed(self.seed, "adapt-dropout", round_, client_id))
             self.model.train(True)
             x = self.leaves(instruction.params)

@@ -32,7 +32,7 @@ from torch import Tensor
 from pf2lora.algorithms.base import Batch, ClientData, ClientState, Params
 from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import LoRAClient
-from pf2lora.utils import clone_params, generator, rng_state, set_rng_state
+from pf2lora.utils import clone_params, fork_rng, generator, l2_norm, rng_state, set_rng_state
 
 
 class PF2LoRAServer(FedAvgServer):
@@ -108,13 +108,13 @@ class PF2LoRAClient(LoRAClient):
         rng: tuple[Tensor, Tensor | None],
     ) -> dict[str, Tensor]:
         """``grad2_xy F(x, y; batch) . v`` by a forward difference of x-gradients along v."""
-        norm = torch.sqrt(sum((t.double() ** 2).sum() for t in v.values()))  # type: ignore[arg-type]
+        norm = l2_norm(v)
         if norm == 0:
             return {k: torch.zeros_like(t) for k, t in x.items()}
-        eps = self.cfg.fd_epsilon / norm.item()
+        eps = self.cfg.fd_epsilon / norm
         xs = list(x)
         device = self.model.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with fork_rng(device):
             if gx_at_y is None:  # independent zeta: grad_x F(x, y; zeta) costs one more pass
                 set_rng_state(device, rng)
                 g = torch.autograd.grad(self.model.loss({**x, **y}, batch), [x[k] for k in xs])

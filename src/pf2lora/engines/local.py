@@ -23,7 +23,7 @@ from pf2lora.algorithms.base import (
 from pf2lora.codec import transmit
 from pf2lora.engines.states import DiskStates, PackedStates
 from pf2lora.metrics import classification_metrics
-from pf2lora.utils import release_free_memory
+from pf2lora.utils import numel, release_free_memory
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
@@ -81,8 +81,8 @@ class LocalEngine:
                 **result.metrics,
                 "bytes_received": down,
                 "bytes_sent": up,
-                "parameters_received": _numel(instruction.params),
-                "parameters_sent": _numel(result.params),
+                "parameters_received": numel(instruction.params),
+                "parameters_sent": numel(result.params),
             }
             self.on_step()
         self.server.aggregate_train(server_round, results)
@@ -123,7 +123,3 @@ class LocalEngine:
             if on_round is not None:
                 on_round(record)
         return final
-
-
-def _numel(params: dict) -> int:
-    return sum(t.numel() for t in params.values())

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pf2lora.algorithms.fedavg import FedAvgServer, clients_per_round
+from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.pfedlora import (
     FedAvgModelClient,
     HeterogeneousClient,
@@ -30,8 +30,8 @@ from pf2lora.algorithms.pfedlora import (
 from pf2lora.config import ConfigError, ExperimentConfig
 from pf2lora.data.images import IMAGE_DATASETS, build_image_data
 from pf2lora.data.text import FederatedData, build_federated_data
-from pf2lora.engines.local import LocalEngine
 from pf2lora.metrics import summarize
+from pf2lora.utils import numel
 from pf2lora.zoo import ModelZoo
 
 CLIENTS = {"pfedlora": PFedLoRAClient, "local": LocalOnlyClient, "fedavg": FedAvgModelClient}
@@ -95,32 +95,13 @@ def build(name: str, prepared: PreparedHeterogeneous) -> tuple[FedAvgServer, Het
     return server, client
 
 
-class Accounting:
-    """Per round: FLOPs and bytes summed over the clients that trained."""
-
-    def __init__(self) -> None:
-        self.flops: list[float] = []
-        self.bytes: list[int] = []
-
-    def add(self, record: dict[str, Any]) -> None:
-        clients = record["clients"].values()
-        self.flops.append(float(sum(c["flops"] for c in clients)))
-        self.bytes.append(int(sum(c["bytes_sent"] + c["bytes_received"] for c in clients)))
-
-    def summary(self) -> dict[str, float]:
-        return {
-            "flops_per_round": float(np.mean(self.flops)) if self.flops else 0.0,
-            "bytes_per_round": float(np.mean(self.bytes)) if self.bytes else 0.0,
-        }
-
-
 def run_heterogeneous(
     prepared: PreparedHeterogeneous,
     out: Path,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> dict[str, Any]:
     """Run every method of ``prepared.cfg``; write the run directory; return ``results.json``."""
-    from pf2lora.experiment import RunLog, _save_checkpoint
+    from pf2lora.experiment import RunLog, Traffic, _save_checkpoint, local_engine
 
     cfg, data = prepared.cfg, prepared.data
     results: dict[str, Any] = {}
@@ -130,32 +111,22 @@ def run_heterogeneous(
             mcfg = cfg.for_method(name)
             prepared_m = PreparedHeterogeneous(mcfg, data, prepared.zoos)
             server, client = build(name, prepared_m)
-            steps = mcfg.train.rounds * clients_per_round(len(data.train), mcfg.train.client_fraction)
-            state_dir = out / "client_state" / name if mcfg.train.client_state == "disk" else None
-            engine = LocalEngine(
-                server,
-                client,
-                data.train,
-                data.test,
-                progress(name, steps) if progress else None,
-                state_dir,
-                mcfg.train.compression,
-            )
-            accounting = Accounting()
-            per_client, _ = engine.run(mcfg.train.rounds, mcfg.train.eval_every, log.recorder(name, accounting.add))
+            engine = local_engine(out, name, mcfg, server, client, data.train, data.test, progress)
+            traffic = Traffic()
+            per_client, _ = engine.run(mcfg.train.rounds, mcfg.train.eval_every, log.recorder(name, traffic.add))
             mean, std = summarize(per_client)
             zoo = prepared.zoos[name]
-            own = [sum(v.numel() for v in engine.state(c)["personal"].values()) for c in engine.client_ids]
-            shared = sum(v.numel() for v in server.global_params.values())
+            own = [numel(engine.state(c)["personal"]) for c in engine.client_ids]
             results[name] = {
                 "clients": {str(c): m for c, m in per_client.items()},
                 "mean": mean,
                 "std": std,
                 "effective_rank": {},
                 "models": {str(c): zoo.names[c] for c in engine.client_ids},
-                "trainable_parameters": round(float(np.mean(own))) + shared,
-                "communicated_parameters_per_client_round": 2 * shared,
-                **accounting.summary(),
+                # a client's own model plus the adapter (or whole model) it receives
+                "trainable_parameters": round(float(np.mean(own))) + traffic.received(),
+                "communicated_parameters_per_client_round": traffic.per_client_round(),
+                **traffic.per_round(),
                 "seconds": round(time.perf_counter() - started, 2),
             }
             _save_checkpoint(out / "checkpoints" / name, server.global_params, engine.states)
