@@ -104,3 +104,15 @@ def test_bad_per_method_settings(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_a_short_key_naming_two_settings_is_refused(monkeypatch) -> None:
+    import pf2lora.config as config
+
+    paths = config._leaf_paths(ExperimentConfig)
+    assert all(len(v) == 1 for k, v in paths.items() if k != "name")  # today every short key is unique
+    monkeypatch.setattr(config, "_leaf_paths", lambda cls: {**paths, "rank": ["lora.rank", "pfedlora.rank"]})
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["rank=4"])
+    assert "config key 'rank' is ambiguous (lora.rank or pfedlora.rank): use the dotted path" in str(err.value)
+    assert load_config(None, ["lora.rank=4"]).lora.rank == 4
