@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -112,13 +112,42 @@ class RunLog:
         return write
 
 
+class Engine(Protocol):
+    """What a run needs of an engine (the in-process one, or Flower's)."""
+
+    client_ids: list[int]
+
+    def run(self, rounds: int, eval_every: int, on_round: Callable[[dict[str, Any]], None]) -> Any: ...
+
+    def personal_parameters(self) -> dict[int, int]: ...
+
+    def save_clients(self, out: Path, name: str, exporter: PeftExporter | None, server_round: int) -> None: ...
+
+
+class EngineFactory(Protocol):
+    def __call__(
+        self,
+        out: Path,
+        name: str,
+        cfg: ExperimentConfig,
+        server: ServerAlgorithm,
+        client: ClientAlgorithm,
+        train: Sequence[ClientData],
+        test: Sequence[ClientData],
+        progress: Callable[[str, int], Callable[[], None]] | None,
+    ) -> Engine: ...
+
+
 def run_experiment(
     prepared: Prepared,
     out: Path,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
+    engine_factory: EngineFactory | None = None,
 ) -> dict[str, Any]:
-    """Run every method of ``prepared.cfg`` and write the run directory. Returns ``results.json``."""
+    """Run every method of ``prepared.cfg`` and write the run directory. Returns ``results.json``.
+    ``engine_factory``: the engine each method runs on (default: the in-process one)."""
     cfg, data = prepared.cfg, prepared.data
+    make_engine = engine_factory or local_engine
     results: dict[str, Any] = {}
     with RunLog(out, cfg) as log:
         for name in cfg.algorithms:
@@ -127,11 +156,11 @@ def run_experiment(
             server, client, model = build_algorithm(name, mcfg, prepared.base_model())
             pooled = name in POOLED
             train = [TokenizedData.pool(data.train)] if pooled else data.train
-            engine = local_engine(out, name, mcfg, server, client, train, data.test, progress)
+            engine = make_engine(out, name, mcfg, server, client, train, data.test, progress)
             traffic = Traffic()
             per_client, ranks = engine.run(mcfg.train.rounds, mcfg.train.eval_every, log.recorder(name, traffic.add))
             mean, std = summarize(per_client)
-            personal = numel(engine.states.get(0, {}).get("personal", {}))
+            personal = engine.personal_parameters().get(0, 0)
             results[name] = {
                 "clients": {str(c): m for c, m in per_client.items()},
                 "mean": mean,
@@ -143,13 +172,9 @@ def run_experiment(
                 "communicated_parameters_per_client_round": None if pooled else traffic.per_client_round(),
                 "seconds": round(time.perf_counter() - started, 2),
             }
-            _save_checkpoint(out / "checkpoints" / name, server.global_params, engine.states)
+            save_common(out / "checkpoints" / name, server.global_params)
             exporter = PeftExporter(prepared.base_model(), model.layout, mcfg.lora.target_modules)
-            final = server.configure_evaluate(mcfg.train.rounds, engine.client_ids)
-            for cid, instruction in final.items():
-                state = engine.state(cid)
-                params = {**engine.client_view(cid, instruction, state).params, **state.get("personal", {})}
-                exporter.save(params, out / "adapters" / name / f"client{cid}")
+            engine.save_clients(out, name, exporter, mcfg.train.rounds)
             del engine, server, client, model, exporter
     (out / "results.json").write_text(json.dumps(results, indent=2))
     from pf2lora.plots import plot_run  # matplotlib only when writing plots
@@ -213,14 +238,10 @@ class Traffic:
         return round(self.total / self.replies) if self.replies else 0
 
 
-def _save_checkpoint(folder: Path, common: dict[str, torch.Tensor], states: dict[int, dict[str, Any]]) -> None:
+def save_common(folder: Path, common: dict[str, torch.Tensor]) -> None:
+    """The server's final global parameters (``checkpoints/<method>/common.safetensors``)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in common.items()}, str(folder / "common.safetensors"))
-    for cid, state in states.items():
-        for key in ("personal", "adapter"):  # a client's own parameters (pFedLoRA keeps its adapter too)
-            if state.get(key):
-                own = {k: v.contiguous() for k, v in state[key].items()}
-                save_file(own, str(folder / f"{key}_client{cid}.safetensors"))
 
 
 def _jsonable(value: Any) -> Any:

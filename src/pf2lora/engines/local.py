@@ -12,6 +12,9 @@ from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
+from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import (
     ClientAlgorithm,
     ClientData,
@@ -27,6 +30,59 @@ from pf2lora.utils import numel, release_free_memory
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
+Evaluation = tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]
+
+
+def save_client(
+    out: Path, name: str, cid: int, state: ClientState, view: Instruction, exporter: PeftExporter | None
+) -> None:
+    """What stays with client ``cid`` after method ``name``: its own parameters
+    (``checkpoints/<name>/{personal,adapter}_client<cid>.safetensors``) and, for the LoRA methods,
+    the model it evaluates as one stock PEFT adapter (``adapters/<name>/client<cid>``)."""
+    folder = out / "checkpoints" / name
+    for key in ("personal", "adapter"):  # pFedLoRA keeps its own adapter as well
+        if state.get(key):
+            folder.mkdir(parents=True, exist_ok=True)
+            own = {k: v.contiguous() for k, v in state[key].items()}
+            save_file(own, str(folder / f"{key}_client{cid}.safetensors"))
+    if exporter is not None:
+        exporter.save({**view.params, **state.get("personal", {})}, out / "adapters" / name / f"client{cid}")
+
+
+class Site:
+    """One client's side of a round, the same on every engine: its state in, the method's training
+    or evaluation, its state out. ``states`` is wherever the engine keeps client states (packed in
+    memory, on disk, or a Flower node's context)."""
+
+    def __init__(self, client: ClientAlgorithm, states: MutableMapping[int, ClientState]) -> None:
+        self.client, self.states = client, states
+
+    def state(self, cid: int) -> ClientState:
+        if cid not in self.states:
+            state = self.client.init_state(cid)
+            self.states[cid] = state  # stored as a copy (packed, on disk, or serialized)
+            return state
+        return self.states[cid]
+
+    def train(self, cid: int, instruction: Instruction, data: ClientData) -> TrainResult:
+        result, self.states[cid] = self.client.train(cid, instruction, self.state(cid), data)
+        return result
+
+    def view(
+        self, cid: int, instruction: Instruction, own_train: ClientData | None, state: ClientState | None = None
+    ) -> Instruction:
+        """What the client evaluates: the instruction as it arrived, adapted by the method to the
+        client's own training data where it does that (Per-FedAvg)."""
+        return self.client.personalize(cid, instruction, self.state(cid) if state is None else state, own_train)
+
+    def evaluate(
+        self, cid: int, instruction: Instruction, test: ClientData, own_train: ClientData | None
+    ) -> tuple[dict[str, float], dict[str, int]]:
+        """Metrics on the client's test split and its effective rank per adapted module."""
+        state = self.state(cid)
+        view = self.view(cid, instruction, own_train, state)
+        prediction = self.client.predict(cid, view, state, test)
+        return classification_metrics(prediction), self.client.effective_ranks(view, state)
 
 
 class LocalEngine:
@@ -48,6 +104,7 @@ class LocalEngine:
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
         self.states: MutableMapping[int, ClientState] = DiskStates(state_dir) if state_dir else PackedStates()
+        self.site = Site(client, self.states)
         self.on_step = on_step or (lambda: None)
 
     @property
@@ -60,11 +117,11 @@ class LocalEngine:
         return list(range(len(self.train_data)))
 
     def state(self, cid: int) -> ClientState:
-        if cid not in self.states:
-            state = self.client.init_state(cid)
-            self.states[cid] = state  # stored as a copy (packed, or on disk)
-            return state
-        return self.states[cid]
+        return self.site.state(cid)
+
+    def own_train(self, cid: int) -> ClientData | None:
+        """Client ``cid``'s training split (None when the method trains on pooled data)."""
+        return self.train_data[cid] if len(self.train_data) == len(self.test_data) else None
 
     def train_round(self, server_round: int) -> Record:
         """One communication round: local training on the sampled clients, then aggregation."""
@@ -72,9 +129,7 @@ class LocalEngine:
         results, clients = {}, {}
         for cid, instruction in instructions.items():
             params, down = transmit(instruction.params, self.compression)
-            result, self.states[cid] = self.client.train(
-                cid, Instruction(params, instruction.config), self.state(cid), self.train_data[cid]
-            )
+            result = self.site.train(cid, Instruction(params, instruction.config), self.train_data[cid])
             params, up = transmit(result.params, self.compression)
             results[cid] = TrainResult(params, result.num_examples, result.metrics)
             clients[cid] = {
@@ -90,30 +145,34 @@ class LocalEngine:
         release_free_memory()
         return {"round": server_round, "clients": clients}
 
-    def evaluate(self, server_round: int) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]:
+    def evaluate(self, server_round: int) -> Evaluation:
         """Every client on its own test split; its effective rank per adapted module."""
         metrics, ranks = {}, {}
         for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
-            state = self.state(cid)
-            instruction = self.client_view(cid, instruction, state)
-            prediction = self.client.predict(cid, instruction, state, self.test_data[cid])
-            metrics[cid] = classification_metrics(prediction)
-            ranks[cid] = self.client.effective_ranks(instruction, state)
+            received = Instruction(transmit(instruction.params, self.compression)[0], instruction.config)
+            metrics[cid], ranks[cid] = self.site.evaluate(cid, received, self.test_data[cid], self.own_train(cid))
         return metrics, ranks
 
     def client_view(self, cid: int, instruction: Instruction, state: ClientState | None = None) -> Instruction:
         """What client ``cid`` evaluates: the server's evaluation instruction as it arrives, adapted
         by the method to the client's own training data where it does that (Per-FedAvg)."""
         instruction = Instruction(transmit(instruction.params, self.compression)[0], instruction.config)
-        own_train = self.train_data[cid] if len(self.train_data) == len(self.test_data) else None
-        return self.client.personalize(cid, instruction, self.state(cid) if state is None else state, own_train)
+        return self.site.view(cid, instruction, self.own_train(cid), state)
 
-    def run(
-        self, rounds: int, eval_every: int = 0, on_round: Callable[[Record], None] | None = None
-    ) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]:
+    def personal_parameters(self) -> dict[int, int]:
+        """Size of each evaluated client's own parameters (its personal adapter or local model)."""
+        return {cid: numel(self.state(cid).get("personal", {})) for cid in self.client_ids}
+
+    def save_clients(self, out: Path, name: str, exporter: PeftExporter | None, server_round: int) -> None:
+        """Every client's own parameters and exported adapter under ``out`` (see :func:`save_client`)."""
+        for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
+            state = self.state(cid)
+            save_client(out, name, cid, state, self.client_view(cid, instruction, state), exporter)
+
+    def run(self, rounds: int, eval_every: int = 0, on_round: Callable[[Record], None] | None = None) -> Evaluation:
         """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last. Returns the final
         per-client metrics and effective ranks."""
-        final: tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]] = ({}, {})
+        final: Evaluation = ({}, {})
         for server_round in range(1, rounds + 1):
             record = self.train_round(server_round)
             if server_round == rounds or (eval_every and server_round % eval_every == 0):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,8 +31,10 @@ from pf2lora.config import ConfigError, ExperimentConfig
 from pf2lora.data.images import IMAGE_DATASETS, build_image_data
 from pf2lora.data.text import FederatedData, build_federated_data
 from pf2lora.metrics import summarize
-from pf2lora.utils import numel
 from pf2lora.zoo import ModelZoo
+
+if TYPE_CHECKING:
+    from pf2lora.experiment import EngineFactory
 
 CLIENTS = {"pfedlora": PFedLoRAClient, "local": LocalOnlyClient, "fedavg": FedAvgModelClient}
 
@@ -99,10 +101,13 @@ def run_heterogeneous(
     prepared: PreparedHeterogeneous,
     out: Path,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
+    engine_factory: EngineFactory | None = None,
 ) -> dict[str, Any]:
-    """Run every method of ``prepared.cfg``; write the run directory; return ``results.json``."""
-    from pf2lora.experiment import RunLog, Traffic, _save_checkpoint, local_engine
+    """Run every method of ``prepared.cfg``; write the run directory; return ``results.json``.
+    ``engine_factory``: the engine each method runs on (default: the in-process one)."""
+    from pf2lora.experiment import RunLog, Traffic, local_engine, save_common
 
+    make_engine = engine_factory or local_engine
     cfg, data = prepared.cfg, prepared.data
     results: dict[str, Any] = {}
     with RunLog(out, cfg) as log:
@@ -111,12 +116,12 @@ def run_heterogeneous(
             mcfg = cfg.for_method(name)
             prepared_m = PreparedHeterogeneous(mcfg, data, prepared.zoos)
             server, client = build(name, prepared_m)
-            engine = local_engine(out, name, mcfg, server, client, data.train, data.test, progress)
+            engine = make_engine(out, name, mcfg, server, client, data.train, data.test, progress)
             traffic = Traffic()
             per_client, _ = engine.run(mcfg.train.rounds, mcfg.train.eval_every, log.recorder(name, traffic.add))
             mean, std = summarize(per_client)
             zoo = prepared.zoos[name]
-            own = [numel(engine.state(c)["personal"]) for c in engine.client_ids]
+            own = list(engine.personal_parameters().values())
             results[name] = {
                 "clients": {str(c): m for c, m in per_client.items()},
                 "mean": mean,
@@ -129,7 +134,8 @@ def run_heterogeneous(
                 **traffic.per_round(),
                 "seconds": round(time.perf_counter() - started, 2),
             }
-            _save_checkpoint(out / "checkpoints" / name, server.global_params, engine.states)
+            save_common(out / "checkpoints" / name, server.global_params)
+            engine.save_clients(out, name, None, mcfg.train.rounds)
             del engine, server, client
     if "pfedlora" in results and "fedavg" in results:
         p, f = results["pfedlora"], results["fedavg"]
