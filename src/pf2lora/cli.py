@@ -144,6 +144,17 @@ def compare(args: argparse.Namespace, items: list[str]) -> int:
     return 0
 
 
+def flower_simulation():  # type: ignore[no-untyped-def]
+    """Flower's simulation runner and its error for a federation that cannot go on, or a ConfigError
+    saying how to install Flower."""
+    try:
+        from pf2lora.engines.flower.server_app import FederationError
+        from pf2lora.engines.flower.simulation import run_simulation
+    except ImportError as err:
+        raise ConfigError(f"engine=flower needs Flower: pip install 'pf2lora[flower]' ({err})") from err
+    return run_simulation, FederationError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -174,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         from pf2lora.experiments.heterogeneous import prepare_heterogeneous, run_heterogeneous
 
         check_out_dir(out, args.force)
+        if cfg.engine == "flower":
+            simulation, federation_error = flower_simulation()
         heterogeneous = cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS
         prepared = prepare_heterogeneous(cfg) if heterogeneous else prepare(cfg)
     except ConfigError as err:
@@ -182,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     from pf2lora.report import Progress, print_accounting, print_summary
 
     with Progress(disabled=args.quiet) as progress:
-        if heterogeneous:
+        if cfg.engine == "flower":
+            try:
+                results = simulation(prepared, out, progress.task)
+            except federation_error as err:  # too few clients answered: what ran is in the run directory
+                print(f"pf2lora: error: {err}", file=sys.stderr)
+                return 1
+        elif heterogeneous:
             results = run_heterogeneous(prepared, out, progress.task)  # type: ignore[arg-type]
         else:
             results = run_experiment(prepared, out, progress.task)  # type: ignore[arg-type]

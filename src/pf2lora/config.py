@@ -8,6 +8,7 @@ is a single line the CLI prints before exiting with status 2.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ ALGORITHMS = LORA_ALGORITHMS + HETEROGENEOUS_ALGORITHMS
 HESSIANS = ("first_order", "exact", "finite_difference")
 HYPERGRADIENTS = ("exact", "finite_difference", "first_order", "joint")
 PER_METHOD_SECTIONS = ("lora", "train", "hetlora", "perfedavg", "pfedlora")
+ENGINES = ("local", "flower")
 PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid", "classes")
 
 
@@ -133,11 +135,25 @@ class TrainConfig:
 
 
 @dataclass
+class FlowerConfig:
+    min_replies: int | None = _help(
+        "least number of a round's sampled clients that must answer for the round to go on (None: all)", None
+    )
+    timeout: float = _help("seconds the server waits for a round's replies", 3600.0)
+    connect_timeout: float = _help("seconds the server waits for every client's SuperNode to connect", 300.0)
+    client_cpus: float = _help("CPUs per simulated client (simulation runtime; clients run side by side)", 1.0)
+    fail: list[str] = _help(
+        "fault injection: 'K@R' makes client K raise in training round R (exercises the failure path)",
+        factory=list,
+    )
+
+
+@dataclass
 class ExperimentConfig:
     name: str = _help("experiment name (used in the run directory name)", "experiment")
     seed: int = _help("seed for data, initialisation and sampling", 0)
     algorithms: list[str] = _help("methods to run, in order", factory=lambda: ["pf2lora", "homlora"])
-    engine: str = _help("local (in-process)", "local")
+    engine: str = _help("local (in-process) | flower (Flower's simulation runtime; see the README)", "local")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -145,6 +161,7 @@ class ExperimentConfig:
     hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
     perfedavg: PerFedAvgConfig = field(default_factory=PerFedAvgConfig)
     pfedlora: PFedLoRAConfig = field(default_factory=PFedLoRAConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
     per_method: dict[str, Any] = _help(
         "settings for one method only, e.g. {pf2lora: {train: {lr: 1e-3}}} (sections lora, train, hetlora, "
         "perfedavg): the paper tunes learning rates per method (its Table 6)",
@@ -165,7 +182,20 @@ class ExperimentConfig:
         _check(bool(self.algorithms), "algorithms: give at least one method")
         for name in self.algorithms:
             _check(name in ALGORITHMS, f"unknown algorithm {name!r} (choose from {', '.join(ALGORITHMS)})")
-        _check(self.engine == "local", f"unknown engine {self.engine!r} (choose from local)")
+        _check(self.engine in ENGINES, f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
+        _check(
+            self.engine != "flower" or "centralized" not in self.algorithms,
+            "centralized pools every client's data in one place; it runs on engine=local only",
+        )
+        fl = self.flower
+        _check(fl.min_replies is None or fl.min_replies >= 1, f"flower.min_replies must be >= 1, got {fl.min_replies}")
+        for key in ("timeout", "connect_timeout", "client_cpus"):
+            _check(getattr(fl, key) > 0, f"flower.{key} must be > 0, got {getattr(fl, key)}")
+        for item in fl.fail:
+            _check(
+                re.fullmatch(r"\d+@\d+", str(item)) is not None,
+                f"flower.fail: {item!r} is not CLIENT@ROUND (e.g. 1@2)",
+            )
         m, d, lo, t = self.model, self.data, self.lora, self.train
         _check(m.max_length >= 8, f"model.max_length must be >= 8, got {m.max_length}")
         _check(

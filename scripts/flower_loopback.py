@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""A real Flower federation on this machine: one SuperLink and one SuperNode per client, each a
+separate process started with Flower's own commands, the experiment submitted with ``flwr run``,
+and every process stopped at the end (also on failure or Ctrl-C).
+
+    python scripts/flower_loopback.py [CONFIG] [key=value ...] --out runs/x [--work DIR]
+
+The ServerApp writes the run directory ``--out``; SuperNode k holds partition k of the configured
+data and keeps its own state and outputs under ``<work>/site<k>`` (as a site would on its own
+disk). Logs of every process are in ``<work>/logs``. Exit status: 0 on success, 2 on bad input,
+1 if the federation failed (the tail of the logs is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+APP = REPO / "deploy" / "flower"
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def wait_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with status {process.returncode} before opening port {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"port {port} not open after {timeout:g} s")
+
+
+class Federation:
+    """The processes of one loopback federation; ``stop`` ends every one of them."""
+
+    def __init__(self, work: Path, clients: int) -> None:
+        self.work, self.clients = work, clients
+        self.bin = Path(sys.executable).parent
+        self.env = {
+            **os.environ,
+            "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",  # Flower spawns its own commands
+            "FLWR_HOME": str(work / "flwr_home"),  # the CLI's connections and unpacked apps; not ~/.flwr
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }
+        self.processes: list[subprocess.Popen] = []
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        (work / "flwr_home").mkdir(parents=True, exist_ok=True)
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.work / "logs" / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
+        process = subprocess.Popen(
+            [str(self.bin / args[0]), *args[1:]],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.work,
+            start_new_session=True,  # its own process group: stopping it stops what it spawned
+        )
+        self.processes.append(process)
+        return process
+
+    def start(self) -> str:
+        link, *nodes = free_ports(1 + self.clients)
+        superlink = self._start(
+            "superlink",
+            ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation"]
+            + ["--host", "127.0.0.1", "--port", str(link)],
+        )
+        wait_port(link, superlink)
+        for k, port in enumerate(nodes):
+            site = self.work / f"site{k}"
+            node_config = f"partition-id={k} num-partitions={self.clients} dir='{site}'"
+            supernode = self._start(
+                f"supernode{k}",
+                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}"]
+                + ["--node-config", node_config, "--host", "127.0.0.1", "--port", str(port)],
+            )
+            wait_port(port, supernode)
+        connection = f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
+        (self.work / "flwr_home" / "config.toml").write_text(connection + "insecure = true\n")
+        return "loopback"
+
+    def run(self, connection: str, run_config: str) -> int:
+        command = [str(self.bin / "flwr"), "run", str(APP), connection, "--run-config", run_config, "--stream"]
+        with open(self.work / "logs" / "run.log", "w") as log:
+            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=self.env).returncode
+
+    def stop(self, grace: float = 20.0) -> list[str]:
+        """SuperNodes first, the SuperLink last, each with everything it spawned (SuperExecs, ServerApp
+        and ClientApp processes); whatever is left after ``grace`` seconds is killed. Returns what
+        had to be killed."""
+        family = _descendants([p.pid for p in self.processes])
+        for process in reversed(self.processes):
+            _signal(process.pid, signal.SIGTERM, group=True)
+        for pid in family:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        while time.monotonic() < deadline and any(_alive(pid) for pid in family):
+            time.sleep(0.2)
+        killed = []
+        for pid in sorted({p.pid for p in self.processes} | family):
+            if _alive(pid):
+                killed.append(_command(pid))
+                _signal(pid, signal.SIGKILL)
+        for process in self.processes:
+            process.wait()
+        return killed
+
+
+def _descendants(roots: list[int]) -> set[int]:
+    table = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for pid, ppid in zip(table[::2], table[1::2]):
+        children.setdefault(int(ppid), []).append(int(pid))
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent counts as gone)."""
+    stat = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(stat) and not stat.startswith("Z")
+
+
+def _command(pid: int) -> str:
+    return subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    parser.add_argument("--out", type=Path, required=True, help="the run directory (written by the ServerApp)")
+    parser.add_argument("--work", type=Path, help="logs, Flower's home and the sites' folders (default: a temp dir)")
+    parser.add_argument("--force", action="store_true", help="allow writing into a non-empty --out")
+    args = parser.parse_args(argv)
+
+    from pf2lora.config import ConfigError, load_config
+    from pf2lora.experiment import check_out_dir
+
+    config = args.items[0] if args.items and "=" not in args.items[0] else None
+    overrides = args.items[1:] if config is not None else args.items
+    try:
+        cfg = load_config(config, overrides + ["engine=flower"])
+        check_out_dir(args.out, args.force)
+        if config is not None and not Path(config).is_file():
+            raise ConfigError(f"config file {config} not found")
+    except ConfigError as err:
+        print(f"flower_loopback: error: {err}", file=sys.stderr)
+        return 2
+    work = (args.work or Path(tempfile.mkdtemp(prefix="pf2lora-flower-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = args.out.resolve()
+    experiment = work / "experiment.yaml"  # the config with the overrides applied: what the server reads
+    experiment.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run_config = f"config={_toml(str(experiment))} out={_toml(str(out))}"
+    federation = Federation(work, cfg.data.num_clients)
+    started = time.perf_counter()
+    status = 1
+    try:
+        connection = federation.start()
+        print(f"SuperLink and {cfg.data.num_clients} SuperNodes up ({time.perf_counter() - started:.1f} s); running")
+        status = federation.run(connection, run_config)
+        if status == 0 and not (out / "results.json").is_file():
+            status = 1
+    except (RuntimeError, KeyboardInterrupt) as err:
+        print(f"flower_loopback: {err}", file=sys.stderr)
+    finally:
+        killed = federation.stop()
+        if killed:
+            print(f"had to kill: {', '.join(killed)}", file=sys.stderr)
+    if status != 0:
+        for log in sorted((work / "logs").glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            print(f"--- {log.name}\n" + "\n".join(tail), file=sys.stderr)
+        print(f"flower_loopback: the federated run failed; logs in {work / 'logs'}", file=sys.stderr)
+        return 1
+    print(f"done in {time.perf_counter() - started:.1f} s; run directory {out}; sites and logs in {work}")
+    return 0
+
+
+def _toml(value: str) -> str:
+    """A TOML literal string (flwr parses --run-config values as TOML)."""
+    if "'" in value:
+        raise ValueError(f"path {value!r} contains a single quote")
+    return f"'{value}'"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

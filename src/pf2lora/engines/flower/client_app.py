@@ -1,0 +1,228 @@
+"""The ClientApp: our client algorithms, unchanged, behind Flower messages.
+
+A ClientApp is re-created for every message, so nothing lives on it. What is expensive and the
+same for every message (the experiment's data and the frozen base model of each method) is cached
+per process; what belongs to the client (personal adapter, optimizer moments, sampler cursor,
+HETLoRA's rank) is kept in the node's ``Context`` and in a file on the node's disk after every
+round, never sent to the server.
+
+Messages (the server's side is :mod:`pf2lora.engines.flower.server_app`):
+
+- ``query``: the experiment's config (YAML) and run directory; the reply names the node's
+  partition (``partition-id`` of its node config).
+- ``train``: the instruction's parameters and config; the reply is the method's ``TrainResult``.
+- ``evaluate``: metrics on the client's own test split, its effective ranks, its personal size.
+- ``query.save``: the client writes its own parameters and exported adapter to its disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from pf2lora.adapters.export import PeftExporter
+from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ClientState, Instruction
+from pf2lora.config import ExperimentConfig, from_dict
+from pf2lora.engines.flower.codec import (
+    decode_params,
+    decode_state,
+    encode_config,
+    encode_metrics,
+    encode_params,
+    encode_state,
+)
+from pf2lora.engines.local import Site, save_client
+from pf2lora.engines.states import DiskStates
+
+log = logging.getLogger(__name__)
+RUN = "pf2lora"  # the context record holding the experiment this node takes part in
+
+app = ClientApp()
+
+
+class InjectedFailure(RuntimeError):
+    """Raised where ``flower.fail`` asks for it, to exercise the failure path."""
+
+
+@dataclass
+class Experiment:
+    """One experiment as this process sees it: its data, and each method's client part (with the
+    frozen base model it wraps), built once and shared by every node the process serves."""
+
+    cfg: ExperimentConfig
+    prepared: Any
+    clients: dict[str, tuple[ClientAlgorithm, Callable[[], PeftExporter | None]]] = field(default_factory=dict)
+
+    @property
+    def heterogeneous(self) -> bool:
+        from pf2lora.config import HETEROGENEOUS_ALGORITHMS
+
+        return self.cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS
+
+    def client(self, name: str) -> tuple[ClientAlgorithm, Callable[[], PeftExporter | None]]:
+        """Method ``name``'s client part and a maker of its PEFT exporter (None for own-model methods)."""
+        if name not in self.clients:
+            self.clients[name] = self._build(name)
+        return self.clients[name]
+
+    def _build(self, name: str) -> tuple[ClientAlgorithm, Callable[[], PeftExporter | None]]:
+        mcfg = self.cfg.for_method(name)
+        if self.heterogeneous:
+            from pf2lora.experiments.heterogeneous import PreparedHeterogeneous, build
+
+            _, client = build(name, PreparedHeterogeneous(mcfg, self.prepared.data, self.prepared.zoos))
+            return client, lambda: None
+        from pf2lora.algorithms import build_algorithm
+
+        _, client, model = build_algorithm(name, mcfg, self.prepared.base_model())
+        return client, lambda: PeftExporter(self.prepared.base_model(), model.layout, mcfg.lora.target_modules)
+
+    def data(self, cid: int) -> tuple[ClientData, ClientData]:
+        return self.prepared.data.train[cid], self.prepared.data.test[cid]
+
+
+_EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def experiment(text: str) -> Experiment:
+    """The experiment of config ``text``, prepared once per process."""
+    key = hashlib.sha256(text.encode()).hexdigest()
+    if key not in _EXPERIMENTS:
+        cfg = from_dict(ExperimentConfig, yaml.safe_load(text)).validate()
+        from pf2lora.config import HETEROGENEOUS_ALGORITHMS
+
+        if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
+            from pf2lora.experiments.heterogeneous import prepare_heterogeneous
+
+            prepared: Any = prepare_heterogeneous(cfg)
+        else:
+            from pf2lora.experiment import prepare
+
+            prepared = prepare(cfg)
+        _EXPERIMENTS.clear()  # one experiment at a time per process
+        _EXPERIMENTS[key] = Experiment(cfg, prepared)
+    return _EXPERIMENTS[key]
+
+
+class NodeStates(MutableMapping[int, ClientState]):
+    """A client's states in its node's ``Context`` (one record per method) and, after every
+    write, in ``folder`` on the node's disk; read from the context, or from disk when the context
+    has none (a node restarted in the middle of a run)."""
+
+    def __init__(self, context: Context, method: str, folder: Path) -> None:
+        self.context, self.key, self.disk = context, f"state.{method}", DiskStates(folder)
+
+    def _records(self) -> dict[int, bytes]:
+        record = self.context.state.get(self.key)
+        return {int(k): v for k, v in record.items()} if record is not None else {}  # type: ignore[misc]
+
+    def __getitem__(self, cid: int) -> ClientState:
+        records = self._records()
+        if cid in records:
+            return decode_state(records[cid])
+        return self.disk[cid]
+
+    def __setitem__(self, cid: int, state: ClientState) -> None:
+        record = self.context.state.get(self.key)
+        if record is None:
+            record = ConfigRecord()
+            self.context.state[self.key] = record
+        record[str(cid)] = encode_state(state)  # type: ignore[index]
+        self.disk[cid] = state
+
+    def __delitem__(self, cid: int) -> None:
+        raise NotImplementedError("a client's state is never deleted during a run")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(set(self._records()) | set(self.disk)))
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+def _partition(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError("this SuperNode has no partition-id in its node config (--node-config 'partition-id=K')")
+    return int(context.node_config["partition-id"])
+
+
+def _site_dir(context: Context) -> Path:
+    """Where this node keeps its files: its node config's ``dir``, else the run directory (one machine)."""
+    record = context.state[RUN]
+    return Path(str(context.node_config.get("dir", record["out"])))  # type: ignore[index]
+
+
+def _session(msg: Message, context: Context) -> tuple[Experiment, int, str, Site, Path]:
+    if RUN not in context.state:
+        raise RuntimeError("this node was not told the experiment (no query message came first)")
+    exp = experiment(str(context.state[RUN]["experiment"]))  # type: ignore[index]
+    name = str(msg.content["config"]["method"])  # type: ignore[index]
+    cid, folder = _partition(context), _site_dir(context)
+    client, _ = exp.client(name)
+    return exp, cid, name, Site(client, NodeStates(context, name, folder / "client_state" / name)), folder
+
+
+def _instruction(msg: Message) -> Instruction:
+    config = dict(msg.content["config"])  # type: ignore[arg-type]
+    return Instruction(decode_params(msg.content["arrays"]), config)  # type: ignore[arg-type]
+
+
+@app.query()
+def join(msg: Message, context: Context) -> Message:
+    """Take part in the experiment the server describes; say which partition this node holds."""
+    config = msg.content["config"]
+    cid = _partition(context)
+    exp = experiment(str(config["experiment"]))  # type: ignore[index]
+    if not 0 <= cid < exp.cfg.data.num_clients:
+        raise ValueError(f"partition-id {cid} is outside the experiment's {exp.cfg.data.num_clients} clients")
+    context.state[RUN] = ConfigRecord({"experiment": config["experiment"], "out": config["out"]})  # type: ignore[index]
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": cid})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    exp, cid, name, site, _ = _session(msg, context)
+    instruction = _instruction(msg)
+    server_round = int(instruction.config.get("server_round", 0))
+    if f"{cid}@{server_round}" in exp.cfg.flower.fail:
+        raise InjectedFailure(f"client {cid} fails in round {server_round} (flower.fail)")
+    result = site.train(cid, instruction, exp.data(cid)[0])
+    content = RecordDict(
+        {
+            "arrays": encode_params(result.params, exp.cfg.train.compression),
+            "metrics": encode_metrics({**result.metrics, "num-examples": result.num_examples}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    exp, cid, name, site, _ = _session(msg, context)
+    train_data, test_data = exp.data(cid)
+    metrics, ranks = site.evaluate(cid, _instruction(msg), test_data, train_data)
+    personal = sum(t.numel() for t in site.state(cid).get("personal", {}).values())
+    ranks_record = {f"rank.{module}": rank for module, rank in ranks.items()}
+    content = RecordDict(
+        {"metrics": encode_metrics({**metrics, "personal_parameters": personal}), "ranks": encode_config(ranks_record)}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.query("save")
+def save(msg: Message, context: Context) -> Message:
+    """The client's own parameters and exported adapter, written to its node's disk."""
+    exp, cid, name, site, folder = _session(msg, context)
+    _, exporter = exp.client(name)
+    state = site.state(cid)
+    view = site.view(cid, _instruction(msg), exp.data(cid)[0], state)
+    save_client(folder, name, cid, state, view, exporter())
+    return Message(RecordDict({"config": encode_config({"saved": str(folder)})}), reply_to=msg)

@@ -1,0 +1,252 @@
+"""The ServerApp: our server algorithms, unchanged, driving a Flower federation.
+
+:class:`FlowerEngine` is the Flower twin of the in-process engine: each round it asks the server
+algorithm for one instruction per sampled client (HETLoRA: each its own rank), sends each as a
+message to the node that holds that client's partition, and hands the replies back to the
+algorithm in client order, so the same seed gives the same result on both engines. A round goes on
+with the replies it got when at least ``flower.min_replies`` clients answered; who failed, and why,
+is recorded in ``metrics.jsonl``. Bytes are those of the messages themselves, each way.
+
+The run directory (config, metrics, results, plots, the common checkpoint) is written by the server;
+every client writes its own parameters to its own disk (see :mod:`.client_app`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from pf2lora.adapters.export import PeftExporter
+from pf2lora.algorithms.base import ClientAlgorithm, ClientData, Instruction, ServerAlgorithm, TrainResult
+from pf2lora.algorithms.fedavg import clients_per_round
+from pf2lora.config import HETEROGENEOUS_ALGORITHMS, ConfigError, ExperimentConfig, load_config
+from pf2lora.engines.flower.codec import decode_params, encode_config, encode_params, message_bytes
+from pf2lora.utils import numel
+
+log = logging.getLogger(__name__)
+Evaluation = tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on: too few clients connected or answered."""
+
+
+class FlowerEngine:
+    """One method's rounds over a Flower ``Grid``; ``nodes`` maps each client id to its node."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        nodes: dict[int, int],
+        name: str,
+        cfg: ExperimentConfig,
+        server: ServerAlgorithm,
+        on_step: Callable[[], None] | None = None,
+        audit: Path | None = None,
+    ) -> None:
+        """``audit``: a JSON-lines file that gets one line per reply the server received (round, kind,
+        client, bytes, and the name of every array in it), to check what left each site."""
+        self.grid, self.nodes, self.name, self.cfg, self.server = grid, nodes, name, cfg, server
+        self.audit = audit
+        self.client_ids = sorted(nodes)
+        self.clients_of = {node: cid for cid, node in nodes.items()}
+        self.on_step = on_step or (lambda: None)
+        self._personal: dict[int, int] = {}
+
+    def _exchange(
+        self, kind: str, server_round: int, instructions: dict[int, Instruction]
+    ) -> tuple[dict[int, Message], dict[int, str], dict[int, int], dict[int, int]]:
+        """Send every instruction to its client's node; the replies, failures and bytes each way."""
+        messages, down = {}, {}
+        for cid, instruction in instructions.items():
+            content = RecordDict(
+                {
+                    "arrays": encode_params(instruction.params, self.cfg.train.compression),
+                    "config": encode_config({**instruction.config, "server_round": server_round, "method": self.name}),
+                }
+            )
+            messages[cid] = Message(content, dst_node_id=self.nodes[cid], message_type=kind, group_id=str(server_round))
+            down[cid] = message_bytes(messages[cid])
+        replies, failed, up = {}, {}, {}
+        for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.cfg.flower.timeout):
+            cid = self.clients_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                failed[cid] = f"{reply.error.reason}"
+            else:
+                replies[cid], up[cid] = reply, message_bytes(reply)
+                self._record(server_round, kind, cid, reply, up[cid])
+            if kind == "train":
+                self.on_step()
+        for cid in messages:
+            if cid not in replies and cid not in failed:
+                failed[cid] = f"no reply within {self.cfg.flower.timeout:g} s"
+        needed = min(len(messages), self.cfg.flower.min_replies or len(messages))
+        if len(replies) < needed:
+            reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(failed.items()))
+            raise FederationError(
+                f"{self.name} round {server_round} ({kind}): {len(replies)} of {len(messages)} clients answered, "
+                f"at least {needed} needed ({reasons})"
+            )
+        for cid, reason in sorted(failed.items()):
+            log.warning("%s round %d (%s): client %d failed: %s", self.name, server_round, kind, cid, reason)
+        return replies, failed, down, up
+
+    def _record(self, server_round: int, kind: str, cid: int, reply: Message, size: int) -> None:
+        if self.audit is None:
+            return
+        arrays = {name: list(record) for name, record in reply.content.array_records.items()}
+        line = {"method": self.name, "round": server_round, "kind": kind, "client": cid, "bytes": size}
+        with open(self.audit, "a") as fh:
+            fh.write(json.dumps({**line, "arrays": arrays}) + "\n")
+
+    def train_round(self, server_round: int) -> dict[str, Any]:
+        instructions = self.server.configure_train(server_round, self.client_ids)
+        replies, failed, down, up = self._exchange("train", server_round, instructions)
+        results, clients = {}, {}
+        for cid in sorted(replies):
+            content = replies[cid].content
+            metrics = dict(content["metrics"])  # type: ignore[arg-type]
+            params = decode_params(content["arrays"])  # type: ignore[arg-type]
+            num_examples = int(metrics.pop("num-examples"))
+            results[cid] = TrainResult(params, num_examples, metrics)  # type: ignore[arg-type]
+            clients[cid] = {
+                **metrics,
+                "bytes_received": down[cid],
+                "bytes_sent": up[cid],
+                "parameters_received": numel(instructions[cid].params),
+                "parameters_sent": numel(params),
+            }
+        self.server.aggregate_train(server_round, results)
+        record: dict[str, Any] = {"round": server_round, "clients": clients}
+        if failed:
+            record["failed"] = failed
+        return record
+
+    def evaluate(self, server_round: int) -> tuple[Evaluation, dict[str, Any]]:
+        instructions = self.server.configure_evaluate(server_round, self.client_ids)
+        replies, failed, down, up = self._exchange("evaluate", server_round, instructions)
+        metrics, ranks = {}, {}
+        for cid in sorted(replies):
+            values = dict(replies[cid].content["metrics"])  # type: ignore[arg-type]
+            self._personal[cid] = int(values.pop("personal_parameters"))
+            values["num_examples"] = int(values["num_examples"])
+            metrics[cid] = values
+            ranks[cid] = {k[len("rank.") :]: int(v) for k, v in replies[cid].content["ranks"].items()}  # type: ignore[union-attr]
+        extra: dict[str, Any] = {"eval_bytes": {"sent": sum(down.values()), "received": sum(up.values())}}
+        if failed:
+            extra["eval_failed"] = failed
+        return (metrics, ranks), extra  # type: ignore[return-value]
+
+    def run(self, rounds: int, eval_every: int, on_round: Callable[[dict[str, Any]], None]) -> Evaluation:
+        """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (as the local engine)."""
+        final: Evaluation = ({}, {})
+        for server_round in range(1, rounds + 1):
+            record = self.train_round(server_round)
+            if server_round == rounds or (eval_every and server_round % eval_every == 0):
+                final, extra = self.evaluate(server_round)
+                record["eval"], record["effective_rank"] = final
+                record.update(extra)
+            on_round(record)
+        return final
+
+    def personal_parameters(self) -> dict[int, int]:
+        return dict(self._personal)
+
+    def save_clients(self, out: Path, name: str, exporter: PeftExporter | None, server_round: int) -> None:
+        """Each client writes its own parameters and exported adapter on its own disk (the server never
+        holds them); ``out`` and ``exporter`` are the local engine's and unused here."""
+        instructions = self.server.configure_evaluate(server_round, self.client_ids)
+        self._exchange("query.save", server_round, instructions)
+
+
+def discover(grid: Grid, cfg: ExperimentConfig, out: Path) -> dict[int, int]:
+    """Wait for the SuperNodes, tell each the experiment, and map each client id to its node."""
+    need, deadline = cfg.data.num_clients, time.monotonic() + cfg.flower.connect_timeout
+    while len(node_ids := list(grid.get_node_ids())) < need:
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"{len(node_ids)} of {need} SuperNodes connected within {cfg.flower.connect_timeout:g} s"
+            )
+        time.sleep(0.5)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    content = RecordDict({"config": ConfigRecord({"experiment": text, "out": str(out.resolve())})})
+    messages = [Message(content, dst_node_id=node, message_type="query") for node in node_ids]
+    nodes: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=cfg.flower.connect_timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise FederationError(f"SuperNode {node} cannot join: {reply.error.reason}")
+        cid = int(reply.content["metrics"]["partition-id"])  # type: ignore[index]
+        if cid in nodes:
+            raise FederationError(f"SuperNodes {nodes[cid]} and {node} both hold partition-id {cid}")
+        nodes[cid] = node
+    missing = sorted(set(range(need)) - set(nodes))
+    if missing:
+        raise FederationError(f"no SuperNode answered for partition-id {', '.join(map(str, missing))}")
+    return nodes
+
+
+def serve(grid: Grid, cfg: ExperimentConfig, out: Path, progress: Any = None, prepared: Any = None) -> dict[str, Any]:
+    """The whole experiment on the federation behind ``grid``; writes the run directory ``out``."""
+    heterogeneous = cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS
+    if prepared is None:
+        if heterogeneous:
+            from pf2lora.experiments.heterogeneous import prepare_heterogeneous
+
+            prepared = prepare_heterogeneous(cfg)
+        else:
+            from pf2lora.experiment import prepare
+
+            prepared = prepare(cfg)
+    nodes = discover(grid, cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "messages.jsonl").write_text("")
+
+    def engine(
+        out: Path,
+        name: str,
+        mcfg: ExperimentConfig,
+        server: ServerAlgorithm,
+        client: ClientAlgorithm,
+        train: Sequence[ClientData],
+        test: Sequence[ClientData],
+        progress: Callable[[str, int], Callable[[], None]] | None,
+    ) -> FlowerEngine:
+        steps = mcfg.train.rounds * clients_per_round(len(nodes), mcfg.train.client_fraction)
+        on_step = progress(name, steps) if progress else None
+        return FlowerEngine(grid, nodes, name, mcfg, server, on_step, out / "messages.jsonl")
+
+    if heterogeneous:
+        from pf2lora.experiments.heterogeneous import run_heterogeneous
+
+        return run_heterogeneous(prepared, out, progress, engine)
+    from pf2lora.experiment import run_experiment
+
+    return run_experiment(prepared, out, progress, engine)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment entry point (``flwr run``): run config keys ``config`` (a YAML path on the server,
+    empty for the defaults), ``overrides`` (``key=value ...``) and ``out`` (the run directory)."""
+    run_config = context.run_config
+    path = str(run_config.get("config", "")) or None
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as error:
+        raise SystemExit(f"pf2lora: {error}") from error
+    out = Path(str(run_config.get("out", "runs/flower")))
+    serve(grid, cfg, out)
