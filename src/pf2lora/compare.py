@@ -216,7 +216,12 @@ def execute(
         if folder.exists():
             for stale in sorted(folder.rglob("*"), reverse=True):
                 stale.unlink() if stale.is_file() else stale.rmdir()
-        run_experiment(Prepared(cfg, data[_data_key(cfg)]), folder, progress)
+        if cfg.engine == "flower":  # each run on Flower's simulation runtime
+            from pf2lora.engines.flower.simulation import run_simulation
+
+            run_simulation(Prepared(cfg, data[_data_key(cfg)]), folder, progress)
+        else:
+            run_experiment(Prepared(cfg, data[_data_key(cfg)]), folder, progress)
     table = build_table(grid, out)
     table["seconds"] = round(time.perf_counter() - started, 1)
     write_table(table, out)

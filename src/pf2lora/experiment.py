@@ -124,18 +124,11 @@ class Engine(Protocol):
     def save_clients(self, out: Path, name: str, exporter: PeftExporter | None, server_round: int) -> None: ...
 
 
-class EngineFactory(Protocol):
-    def __call__(
-        self,
-        out: Path,
-        name: str,
-        cfg: ExperimentConfig,
-        server: ServerAlgorithm,
-        client: ClientAlgorithm,
-        train: Sequence[ClientData],
-        test: Sequence[ClientData],
-        progress: Callable[[str, int], Callable[[], None]] | None,
-    ) -> Engine: ...
+# (out, method name, its config, server, client, train splits, test splits, progress) -> its engine
+EngineFactory = Callable[
+    [Path, str, ExperimentConfig, ServerAlgorithm, ClientAlgorithm, Sequence[ClientData], Sequence[ClientData], Any],
+    Engine,
+]
 
 
 def run_experiment(
