@@ -181,14 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, overrides)
         out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         from pf2lora.config import HETEROGENEOUS_ALGORITHMS
-        from pf2lora.experiment import check_out_dir, prepare, run_experiment
-        from pf2lora.experiments.heterogeneous import prepare_heterogeneous, run_heterogeneous
+        from pf2lora.experiment import check_out_dir, prepare_any, run_experiment
+        from pf2lora.experiments.heterogeneous import run_heterogeneous
 
         check_out_dir(out, args.force)
         if cfg.engine == "flower":
             simulation, federation_error = flower_simulation()
         heterogeneous = cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS
-        prepared = prepare_heterogeneous(cfg) if heterogeneous else prepare(cfg)
+        prepared = prepare_any(cfg)
     except ConfigError as err:
         print(f"pf2lora: error: {err}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,11 +21,11 @@ import yaml
 from safetensors.torch import save_file
 
 from pf2lora.adapters.export import PeftExporter
-from pf2lora.adapters.two_level import find_head, find_target_modules
+from pf2lora.adapters.two_level import AdapterLayout, find_head, find_target_modules
 from pf2lora.algorithms import POOLED, build_algorithm
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ServerAlgorithm
 from pf2lora.algorithms.fedavg import clients_per_round
-from pf2lora.config import ConfigError, ExperimentConfig
+from pf2lora.config import HETEROGENEOUS_ALGORITHMS, ConfigError, ExperimentConfig
 from pf2lora.data.text import FederatedData, TokenizedData, build_federated_data
 from pf2lora.engines.local import LocalEngine
 from pf2lora.metrics import summarize
@@ -54,19 +55,39 @@ class Prepared:
 
     @property
     def device(self) -> torch.device:
-        name = self.cfg.model.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(name)
+        return model_device(self.cfg)
 
 
-def prepare(cfg: ExperimentConfig) -> Prepared:
-    """Load and partition the data and check the model, raising ConfigError on any bad input."""
+def model_device(cfg: ExperimentConfig) -> torch.device:
+    """``model.device``, with ``auto`` resolved to CUDA where torch sees it, else the CPU."""
+    name = cfg.model.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def check_runtime(cfg: ExperimentConfig) -> None:
+    """Validate ``cfg`` and that this machine can run it; set torch's thread count."""
     cfg.validate()
     if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device={cfg.model.device} but torch sees no CUDA device")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+
+
+def prepare_any(cfg: ExperimentConfig) -> Any:
+    """:func:`prepare` for the LoRA methods, ``prepare_heterogeneous`` for the methods where every
+    client trains its own model (the two kinds never mix in one config)."""
+    if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
+        from pf2lora.experiments.heterogeneous import prepare_heterogeneous
+
+        return prepare_heterogeneous(cfg)
+    return prepare(cfg)
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Load and partition the data and check the model, raising ConfigError on any bad input."""
+    check_runtime(cfg)
     tokenizer = load_tokenizer(cfg.model.name)
     data = build_federated_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed)
     prepared = Prepared(cfg, data)
@@ -121,7 +142,9 @@ class Engine(Protocol):
 
     def personal_parameters(self) -> dict[int, int]: ...
 
-    def save_clients(self, out: Path, name: str, exporter: PeftExporter | None, server_round: int) -> None: ...
+    def save_clients(
+        self, out: Path, name: str, make_exporter: Callable[[], PeftExporter | None], server_round: int
+    ) -> None: ...
 
 
 # (out, method name, its config, server, client, train splits, test splits, progress) -> its engine
@@ -166,14 +189,19 @@ def run_experiment(
                 "seconds": round(time.perf_counter() - started, 2),
             }
             save_common(out / "checkpoints" / name, server.global_params)
-            exporter = PeftExporter(prepared.base_model(), model.layout, mcfg.lora.target_modules)
-            engine.save_clients(out, name, exporter, mcfg.train.rounds)
-            del engine, server, client, model, exporter
+            # built only where clients' adapters are exported here (the local engine; on Flower each client does)
+            make_exporter = partial(_peft_exporter, prepared, model.layout, mcfg.lora.target_modules)
+            engine.save_clients(out, name, make_exporter, mcfg.train.rounds)
+            del engine, server, client, model
     (out / "results.json").write_text(json.dumps(results, indent=2))
     from pf2lora.plots import plot_run  # matplotlib only when writing plots
 
     plot_run(out, results, out / "metrics.jsonl")
     return results
+
+
+def _peft_exporter(prepared: Prepared, layout: AdapterLayout, targets: list[str]) -> PeftExporter:
+    return PeftExporter(prepared.base_model(), layout, targets)
 
 
 def local_engine(

@@ -163,8 +163,11 @@ class LocalEngine:
         """Size of each evaluated client's own parameters (its personal adapter or local model)."""
         return {cid: numel(self.state(cid).get("personal", {})) for cid in self.client_ids}
 
-    def save_clients(self, out: Path, name: str, exporter: PeftExporter | None, server_round: int) -> None:
+    def save_clients(
+        self, out: Path, name: str, make_exporter: Callable[[], PeftExporter | None], server_round: int
+    ) -> None:
         """Every client's own parameters and exported adapter under ``out`` (see :func:`save_client`)."""
+        exporter = make_exporter()
         for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
             state = self.state(cid)
             save_client(out, name, cid, state, self.client_view(cid, instruction, state), exporter)

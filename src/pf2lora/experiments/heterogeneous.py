@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,14 +27,20 @@ from pf2lora.algorithms.pfedlora import (
     PFedLoRAServer,
     initial_adapter,
 )
-from pf2lora.config import ConfigError, ExperimentConfig
+from pf2lora.config import ExperimentConfig
 from pf2lora.data.images import IMAGE_DATASETS, build_image_data
 from pf2lora.data.text import FederatedData, build_federated_data
+from pf2lora.experiment import (
+    EngineFactory,
+    RunLog,
+    Traffic,
+    check_runtime,
+    local_engine,
+    model_device,
+    save_common,
+)
 from pf2lora.metrics import summarize
 from pf2lora.zoo import ModelZoo
-
-if TYPE_CHECKING:
-    from pf2lora.experiment import EngineFactory
 
 CLIENTS = {"pfedlora": PFedLoRAClient, "local": LocalOnlyClient, "fedavg": FedAvgModelClient}
 
@@ -47,20 +53,13 @@ class PreparedHeterogeneous:
 
     @property
     def device(self) -> torch.device:
-        name = self.cfg.model.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(name)
+        return model_device(self.cfg)
 
 
 def prepare_heterogeneous(cfg: ExperimentConfig) -> PreparedHeterogeneous:
     """Load and partition the data, build every client's model and check it gives the shared
     dimension on the client's own data. Raises ConfigError on any bad input, before training."""
-    cfg.validate()
-    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device={cfg.model.device} but torch sees no CUDA device")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    check_runtime(cfg)
     if cfg.data.dataset in IMAGE_DATASETS:
         data = build_image_data(cfg.data, cfg.seed)
         in_shape: tuple[int, ...] | None = tuple(data.train[0].images.shape[1:])  # type: ignore[attr-defined]
@@ -105,8 +104,6 @@ def run_heterogeneous(
 ) -> dict[str, Any]:
     """Run every method of ``prepared.cfg``; write the run directory; return ``results.json``.
     ``engine_factory``: the engine each method runs on (default: the in-process one)."""
-    from pf2lora.experiment import RunLog, Traffic, local_engine, save_common
-
     make_engine = engine_factory or local_engine
     cfg, data = prepared.cfg, prepared.data
     results: dict[str, Any] = {}
@@ -135,7 +132,7 @@ def run_heterogeneous(
                 "seconds": round(time.perf_counter() - started, 2),
             }
             save_common(out / "checkpoints" / name, server.global_params)
-            engine.save_clients(out, name, None, mcfg.train.rounds)
+            engine.save_clients(out, name, lambda: None, mcfg.train.rounds)
             del engine, server, client
     if "pfedlora" in results and "fedavg" in results:
         p, f = results["pfedlora"], results["fedavg"]

@@ -96,17 +96,10 @@ def experiment(text: str) -> Experiment:
     """The experiment of config ``text``, prepared once per process."""
     key = hashlib.sha256(text.encode()).hexdigest()
     if key not in _EXPERIMENTS:
+        from pf2lora.experiment import prepare_any
+
         cfg = from_dict(ExperimentConfig, yaml.safe_load(text)).validate()
-        from pf2lora.config import HETEROGENEOUS_ALGORITHMS
-
-        if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
-            from pf2lora.experiments.heterogeneous import prepare_heterogeneous
-
-            prepared: Any = prepare_heterogeneous(cfg)
-        else:
-            from pf2lora.experiment import prepare
-
-            prepared = prepare(cfg)
+        prepared = prepare_any(cfg)
         _EXPERIMENTS.clear()  # one experiment at a time per process
         _EXPERIMENTS[key] = Experiment(cfg, prepared)
     return _EXPERIMENTS[key]

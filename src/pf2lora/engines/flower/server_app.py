@@ -161,9 +161,11 @@ class FlowerEngine:
     def personal_parameters(self) -> dict[int, int]:
         return dict(self._personal)
 
-    def save_clients(self, out: Path, name: str, exporter: PeftExporter | None, server_round: int) -> None:
+    def save_clients(
+        self, out: Path, name: str, make_exporter: Callable[[], PeftExporter | None], server_round: int
+    ) -> None:
         """Each client writes its own parameters and exported adapter on its own disk (the server never
-        holds them); ``out`` and ``exporter`` are the local engine's and unused here."""
+        holds them, and never builds an exporter); ``out`` and ``make_exporter`` serve the local engine."""
         instructions = self.server.configure_evaluate(server_round, self.client_ids)
         self._exchange("query.save", server_round, instructions)
 
@@ -197,16 +199,10 @@ def discover(grid: Grid, cfg: ExperimentConfig, out: Path) -> dict[int, int]:
 
 def serve(grid: Grid, cfg: ExperimentConfig, out: Path, progress: Any = None, prepared: Any = None) -> dict[str, Any]:
     """The whole experiment on the federation behind ``grid``; writes the run directory ``out``."""
+    from pf2lora.experiment import prepare_any
+
     heterogeneous = cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS
-    if prepared is None:
-        if heterogeneous:
-            from pf2lora.experiments.heterogeneous import prepare_heterogeneous
-
-            prepared = prepare_heterogeneous(cfg)
-        else:
-            from pf2lora.experiment import prepare
-
-            prepared = prepare(cfg)
+    prepared = prepare_any(cfg) if prepared is None else prepared
     nodes = discover(grid, cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "messages.jsonl").write_text("")
