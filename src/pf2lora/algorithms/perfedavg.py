@@ -21,12 +21,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pf2lora.adapters.dropout import DropoutMasks
 from pf2lora.algorithms.base import Batch, ClientData, ClientState, Instruction, Params
 from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import LoRAClient
 from pf2lora.config import PerFedAvgConfig, TrainConfig
 from pf2lora.data.sampling import draw
-from pf2lora.utils import fork_rng, l2_norm, rng_state, set_rng_state, stable_seed
+from pf2lora.utils import fork_rng, l2_norm, rng_state, stable_seed
 
 
 class PerFedAvgServer(FedAvgServer):
@@ -81,13 +82,14 @@ class PerFedAvgClient(LoRAClient):
             return {k: torch.zeros_like(x[k]) for k in names}
         eps = self.cfg.fd_epsilon / norm
         device = self.model.device
-        rng = rng_state(device)
+        rng, masks = rng_state(device), DropoutMasks()
         out = []
-        with fork_rng(device):
-            for sign in (1.0, -1.0):
-                set_rng_state(device, rng)  # the same dropout masks at both points
+        with fork_rng(device):  # the same dropout masks at both points, drawn once
+            for sign, masked in ((1.0, masks.record()), (-1.0, masks.replay(rng, device))):
                 moved = {k: (x[k].detach() + sign * eps * v[k]).requires_grad_(True) for k in names}
-                out.append(torch.autograd.grad(self.model.loss(moved, batch), [moved[k] for k in names]))
+                with masked:
+                    loss = self.model.loss(moved, batch)
+                out.append(torch.autograd.grad(loss, [moved[k] for k in names]))
         return {k: (gp - gm) / (2 * eps) for k, gp, gm in zip(names, out[0], out[1], strict=True)}
 
     # ------------------------------------------------------------------ evaluation

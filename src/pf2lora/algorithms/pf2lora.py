@@ -15,8 +15,9 @@ The sign is minus (eq. 4, Algorithm 1; eq. 6's '+' is a typo): h_t is exactly th
 - ``finite_difference`` (default): the mixed term as
   ``[grad_x F(x, y + eps v; pi) - grad_x F(x, y; pi)] / eps`` with ``v = grad_y F(x, y_{t+1}; xi)``
   and ``eps = fd_epsilon / ||v||``; ``grad_x F(x, y; pi)`` comes free with the lower-level
-  backward, so a step is 3 forward+backward passes. The dropout masks of the two pi passes are
-  made identical by replaying the RNG state, so the difference sees only the change of y;
+  backward, so a step is 3 forward+backward passes. The two pi passes see the same dropout masks,
+  kept from the first and reused by the third rather than drawn again
+  (:class:`~pf2lora.adapters.dropout.DropoutMasks`), so the difference sees only the change of y;
 - ``first_order``: drop the mixed term (2 passes);
 - ``joint``: the "without bilevel optimisation" ablation (Appendix F.2): one pass at
   (x_t, y_t), y takes the SGD step and x the AdamW step from the same gradients.
@@ -26,9 +27,12 @@ The server averages x every I steps (:class:`FedAvgServer`); y_k never leaves th
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
+from pf2lora.adapters.dropout import DropoutMasks
 from pf2lora.algorithms.base import Batch, ClientData, ClientState, Params
 from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import LoRAClient
@@ -45,6 +49,10 @@ def _dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
 
 class PF2LoRAClient(LoRAClient):
     """Lower level SGD on y_k, upper level AdamW on x with the hypergradient."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.masks = DropoutMasks()  # finite_difference: pass 3 reuses pass 1's dropout masks
 
     def init_state(self, client_id: int) -> ClientState:
         state = super().init_state(client_id)
@@ -83,7 +91,9 @@ class PF2LoRAClient(LoRAClient):
         xs, ys = list(x), list(y)
         y_leaf = {k: v.detach().requires_grad_(True) for k, v in y.items()}
         rng = rng_state(self.model.device)
-        loss_pi = self.model.loss({**x, **y_leaf}, pi)
+        replays_pi = mode == "finite_difference" and zeta is None  # pass 3 reuses pi's dropout masks
+        with self.masks.record() if replays_pi else contextlib.nullcontext():
+            loss_pi = self.model.loss({**x, **y_leaf}, pi)
         grads = torch.autograd.grad(loss_pi, [x[k] for k in xs] + [y_leaf[k] for k in ys])
         gx_pi = dict(zip(xs, grads[: len(xs)], strict=True))
         y_next = {k: (y[k] - alpha * g).detach() for k, g in zip(ys, grads[len(xs) :], strict=True)}
@@ -117,11 +127,13 @@ class PF2LoRAClient(LoRAClient):
         with fork_rng(device):
             if gx_at_y is None:  # independent zeta: grad_x F(x, y; zeta) costs one more pass
                 set_rng_state(device, rng)
-                g = torch.autograd.grad(self.model.loss({**x, **y}, batch), [x[k] for k in xs])
-                gx_at_y = dict(zip(xs, g, strict=True))
-            set_rng_state(device, rng)  # same dropout masks as the pass at (x, y)
+                with self.masks.record():
+                    loss = self.model.loss({**x, **y}, batch)
+                gx_at_y = dict(zip(xs, torch.autograd.grad(loss, [x[k] for k in xs]), strict=True))
             y_pert = {k: y[k] + eps * v[k] for k in y}
-            g = torch.autograd.grad(self.model.loss({**x, **y_pert}, batch), [x[k] for k in xs])
+            with self.masks.replay(rng, device):  # the dropout masks of the pass at (x, y), not drawn again
+                loss = self.model.loss({**x, **y_pert}, batch)
+            g = torch.autograd.grad(loss, [x[k] for k in xs])
         return {k: (gk - gx_at_y[k]) / eps for k, gk in zip(xs, g, strict=True)}
 
     def _exact(
