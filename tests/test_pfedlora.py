@@ -34,9 +34,9 @@ def _digits(m: int = 4) -> list[ImageData]:
     ]
 
 
-def _setup(mu: float = 0.5):
+def _setup(mu: float = 0.5, objective: str = "separate"):
     zoo = ModelZoo(["cnn5", "cnn3"], 4, (1, 8, 8), 500, 10, seed=0)
-    per = PFedLoRAConfig(models=["cnn5", "cnn3"], adapter_rank=4, mu=mu)
+    per = PFedLoRAConfig(models=["cnn5", "cnn3"], adapter_rank=4, mu=mu, objective=objective)
     client = PFedLoRAClient(zoo, TrainConfig(local_steps=3, batch_size=8, lr=1e-2), per, seed=0)
     return zoo, client, initial_adapter(500, 10, 4, 0)
 
@@ -67,8 +67,9 @@ def test_only_the_adapter_travels() -> None:
     assert set(engine.server.global_params) == {ADAPTER_A, ADAPTER_B}
 
 
-def test_each_phase_changes_only_its_own_parameters() -> None:
-    zoo, client, adapter = _setup()
+@pytest.mark.parametrize("objective", ["separate", "combined"])
+def test_each_phase_changes_only_its_own_parameters(objective: str) -> None:
+    zoo, client, adapter = _setup(objective=objective)
     data = _digits(1)[0]
     state = client.init_state(0)
     before_local = {k: v.clone() for k, v in state["personal"].items()}
@@ -143,6 +144,7 @@ def test_a_model_of_the_wrong_dimension_is_named(capsys) -> None:
         (["pfedlora.models=[cnn9]"], "unknown model 'cnn9'"),
         (["pfedlora.models=[encoder-2]"], "is a text encoder; this dataset is an image set"),
         (["pfedlora.mu=1.5"], "pfedlora.mu must be in [0, 1]"),
+        (["pfedlora.objective=joint"], "unknown pfedlora.objective 'joint'"),
         (["algorithms=[pfedlora,homlora]"], "run them separately"),
         (["data.classes_per_client=11"], "classes_per_client must be in [1, 10]"),
     ],
@@ -190,3 +192,32 @@ def test_cli_mnist_and_text_configs(tmp_path: Path) -> None:
     assert main(["run", "configs/pfedlora_text.yaml", *tiny, "model.max_length=24", "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["pfedlora"]["flops_per_round"] > 0 and len(results["pfedlora"]["clients"]) == 4
+
+
+def test_the_objectives_differ_as_documented() -> None:
+    """Phase 1's loss: (1 - mu) CE(head) + mu CE(adapter) (separate) or CE((1 - mu) head + mu adapter)
+    (combined), checked against the formulas on the client's first batch."""
+    data = _digits(1)[0]
+    received = initial_adapter(500, 10, 4, 0)
+    received[ADAPTER_B] = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for objective in ("separate", "combined"):
+        zoo, client, _ = _setup(objective=objective)
+        state = client.init_state(0)
+        model = client.model(0, state["personal"])
+        batch = client.next_batch(0, dict(state, cursor={"epoch": 0, "pos": 0}), data)
+        torch.manual_seed(0)
+        z, head = model(batch)
+        ce = torch.nn.functional.cross_entropy
+        adapter = z @ received[ADAPTER_A].T @ received[ADAPTER_B].T
+        expected = (
+            0.5 * ce(head, batch["labels"]) + 0.5 * ce(adapter, batch["labels"])
+            if objective == "separate"
+            else ce(0.5 * head + 0.5 * adapter, batch["labels"])
+        )
+        one_step = TrainConfig(local_steps=1, batch_size=8, lr=1e-2)
+        client.cfg = one_step
+        _, loss = client.local_phase(0, state["personal"], dict(state), data, received, 0.5)
+        losses[objective] = loss
+        assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["separate"] != pytest.approx(losses["combined"], rel=1e-3)

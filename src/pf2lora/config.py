@@ -22,6 +22,7 @@ LORA_ALGORITHMS = ("pf2lora", "homlora", "hetlora", "perfedavg", "centralized")
 HETEROGENEOUS_ALGORITHMS = ("pfedlora", "local", "fedavg")
 ALGORITHMS = LORA_ALGORITHMS + HETEROGENEOUS_ALGORITHMS
 HESSIANS = ("first_order", "exact", "finite_difference")
+PFEDLORA_OBJECTIVES = ("separate", "combined")
 HYPERGRADIENTS = ("exact", "finite_difference", "first_order", "joint")
 PER_METHOD_SECTIONS = ("lora", "train", "hetlora", "perfedavg", "pfedlora")
 ENGINES = ("local", "flower")
@@ -111,6 +112,12 @@ class PFedLoRAConfig:
     mu: float = _help("balance: (1 - mu) CE(head) + mu CE(adapter) in training and in prediction", 0.5)
     adapter_lr: float = _help("AdamW learning rate of the adapter phase", 1e-3)
     adapter_steps: int | None = _help("adapter steps per round (None: train.local_steps)", None)
+    objective: str = _help(
+        "separate: (1 - mu) CE(head) + mu CE(adapter) for the local model, CE(adapter) for the adapter "
+        "(SPEC 2.6); combined: both phases minimise CE of the prediction (1 - mu) head + mu adapter, as a "
+        "LoRA branch is trained on the sum of its output and the frozen layer's",
+        "separate",
+    )
 
 
 @dataclass
@@ -259,6 +266,10 @@ class ExperimentConfig:
             _check(getattr(pf, key) >= 1, f"pfedlora.{key} must be >= 1, got {getattr(pf, key)}")
         _check(0 <= pf.mu <= 1, f"pfedlora.mu must be in [0, 1], got {pf.mu}")
         _check(pf.adapter_lr > 0, f"pfedlora.adapter_lr must be > 0, got {pf.adapter_lr}")
+        _check(
+            pf.objective in PFEDLORA_OBJECTIVES,
+            f"unknown pfedlora.objective {pf.objective!r} (choose from {', '.join(PFEDLORA_OBJECTIVES)})",
+        )
         _check(
             pf.adapter_steps is None or pf.adapter_steps >= 1,
             f"pfedlora.adapter_steps must be >= 1, got {pf.adapter_steps}",

@@ -10,6 +10,11 @@ the same shape everywhere; it is the only thing that travels. A round on client 
 2. the local model frozen, ``adapter_steps`` steps on the adapter with ``CE(adapter(z))`` (local
    knowledge flows into the adapter), which is sent back.
 
+``pfedlora.objective=combined`` is the other reading of the method: both phases minimise
+``CE((1 - mu) head(z) + mu adapter(z))``, the loss of the prediction itself, as a LoRA branch is
+trained on the sum of its output and the frozen layer's (SPEC 2.6's separate losses are the default;
+both are measured in ``docs/results/pfedlora_mnist.md``).
+
 The server averages the adapters weighted by training-set size (FedAvg) over a fraction of clients
 per round. Prediction: ``(1 - mu) head(z) + mu adapter(z)`` with the client's adapter as its last
 round of local training left it (a client evaluates its own model after local training, as in
@@ -118,9 +123,14 @@ class HeterogeneousClient(ClientAlgorithm):
         for _ in range(self.cfg.local_steps):
             batch = self.next_batch(client_id, state, data)
             z, logits = model(batch)
-            loss = F.cross_entropy(logits, batch["labels"])
-            if adapter is not None and mu > 0:
-                loss = (1 - mu) * loss + mu * F.cross_entropy(adapter_logits(z, adapter), batch["labels"])
+            if adapter is None or mu == 0:
+                loss = F.cross_entropy(logits, batch["labels"])
+            elif self.per.objective == "combined":
+                loss = F.cross_entropy((1 - mu) * logits + mu * adapter_logits(z, adapter), batch["labels"])
+            else:
+                loss = (1 - mu) * F.cross_entropy(logits, batch["labels"]) + mu * F.cross_entropy(
+                    adapter_logits(z, adapter), batch["labels"]
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -164,11 +174,13 @@ class PFedLoRAClient(HeterogeneousClient):
         model.train(False)  # the local model is frozen: no dropout while the adapter learns from it
         adapter = {k: v.clone().requires_grad_(True) for k, v in frozen.items()}
         opt = torch.optim.AdamW(adapter.values(), lr=self.per.adapter_lr, weight_decay=0.0)
+        combined = self.per.objective == "combined"
         for _ in range(self.per.adapter_steps or self.cfg.local_steps):
             batch = self.next_batch(client_id, state, data)
             with torch.no_grad():
-                z = model.body(batch)
-            adapter_loss = F.cross_entropy(adapter_logits(z, adapter), batch["labels"])
+                z, head_logits = model(batch) if combined else (model.body(batch), None)
+            out = self.combine(z, head_logits, adapter) if combined else adapter_logits(z, adapter)
+            adapter_loss = F.cross_entropy(out, batch["labels"])
             opt.zero_grad(set_to_none=True)
             adapter_loss.backward()
             opt.step()
