@@ -199,7 +199,7 @@ def test_the_objectives_differ_as_documented() -> None:
     (combined), checked against the formulas on the client's first batch."""
     data = _digits(1)[0]
     received = initial_adapter(500, 10, 4, 0)
-    received[ADAPTER_B] = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+    received[ADAPTER_B] = 5 * torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
     losses = {}
     for objective in ("separate", "combined"):
         zoo, client, _ = _setup(objective=objective)
