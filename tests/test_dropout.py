@@ -21,16 +21,22 @@ def _model():
     return model, batch
 
 
+def _recorded(seed: int, forward):
+    """(masks, RNG state before the pass, output) of ``forward()`` recorded from ``seed``."""
+    masks = DropoutMasks()
+    torch.manual_seed(seed)
+    rng = rng_state(torch.device("cpu"))
+    with masks.record():
+        out = forward()
+    return masks, rng, out
+
+
 def test_recorded_pass_is_the_plain_pass_and_replay_reuses_its_masks() -> None:
     model, batch = _model()
     torch.manual_seed(5)
     plain = model(**batch).logits
     after_plain = torch.get_rng_state()
-    masks = DropoutMasks()
-    torch.manual_seed(5)
-    rng = rng_state(torch.device("cpu"))
-    with masks.record():
-        recorded = model(**batch).logits
+    masks, rng, recorded = _recorded(5, lambda: model(**batch).logits)
     assert torch.equal(recorded, plain)  # the same draws and the same arithmetic as PyTorch's own
     assert torch.equal(torch.get_rng_state(), after_plain)
     # 2 layers x (attention map, attention output, FFN output), the embeddings, the classifier
@@ -45,11 +51,7 @@ def test_recorded_pass_is_the_plain_pass_and_replay_reuses_its_masks() -> None:
 
 def test_replay_follows_a_change_of_the_parameters_with_the_same_masks() -> None:
     model, batch = _model()
-    masks = DropoutMasks()
-    torch.manual_seed(1)
-    rng = rng_state(torch.device("cpu"))
-    with masks.record():
-        model(**batch)
+    masks, rng, _ = _recorded(1, lambda: model(**batch))
     with torch.no_grad():
         model.classifier.weight.mul_(2.0)
         model.classifier.bias.zero_()
@@ -61,11 +63,7 @@ def test_replay_follows_a_change_of_the_parameters_with_the_same_masks() -> None
 
 def test_other_random_draws_fall_back_to_the_rng_state() -> None:
     model, batch = _model()
-    masks = DropoutMasks()
-    torch.manual_seed(2)
-    rng = rng_state(torch.device("cpu"))
-    with masks.record():
-        first = model(**batch).logits + 0 * torch.rand(1)  # e.g. stochastic depth
+    masks, rng, first = _recorded(2, lambda: model(**batch).logits + 0 * torch.rand(1))  # e.g. stochastic depth
     assert not masks.reusable
     with masks.replay(rng, torch.device("cpu")):
         second = model(**batch).logits + 0 * torch.rand(1)

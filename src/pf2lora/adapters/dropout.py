@@ -135,12 +135,11 @@ class DropoutMasks(TorchFunctionMode):
 
 
 def _dropout_args(func, args, kwargs) -> tuple[Tensor, float, bool, bool]:
-    if func is torch.dropout:  # torch.dropout(input, p, train)
-        names, defaults = ("input", "p", "train"), (None, 0.5, True)
-    else:  # F.dropout(input, p=0.5, training=True, inplace=False)
-        names, defaults = ("input", "p", "training", "inplace"), (None, 0.5, True, False)
-    bound = dict(zip(names, defaults, strict=True))
-    bound.update(zip(names, args))
-    bound.update(kwargs)
-    values = list(bound.values())
-    return values[0], float(values[1]), bool(values[2]), bool(values[3]) if len(values) > 3 else False
+    """(input, p, training, inplace) of ``torch.dropout(input, p, train)`` or
+    ``F.dropout(input, p=0.5, training=True, inplace=False)``."""
+    if func is torch.dropout:
+        bound = {"p": 0.5, "train": True, **dict(zip(("input", "p", "train"), args)), **kwargs}
+        return bound["input"], float(bound["p"]), bool(bound["train"]), False
+    bound = {"p": 0.5, "training": True, "inplace": False}
+    bound.update({**dict(zip(("input", "p", "training", "inplace"), args)), **kwargs})
+    return bound["input"], float(bound["p"]), bool(bound["training"]), bool(bound["inplace"])

@@ -50,10 +50,6 @@ def _dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
 class PF2LoRAClient(LoRAClient):
     """Lower level SGD on y_k, upper level AdamW on x with the hypergradient."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.masks = DropoutMasks()  # finite_difference: pass 3 reuses pass 1's dropout masks
-
     def init_state(self, client_id: int) -> ClientState:
         state = super().init_state(client_id)
         state["personal"] = self.model.initial_personal(generator(self.seed, "personal", client_id))
@@ -90,9 +86,9 @@ class PF2LoRAClient(LoRAClient):
                 return self._exact(x, y, pi, xi, zeta)
         xs, ys = list(x), list(y)
         y_leaf = {k: v.detach().requires_grad_(True) for k, v in y.items()}
-        rng = rng_state(self.model.device)
+        rng, masks = rng_state(self.model.device), DropoutMasks()
         replays_pi = mode == "finite_difference" and zeta is None  # pass 3 reuses pi's dropout masks
-        with self.masks.record() if replays_pi else contextlib.nullcontext():
+        with masks.record() if replays_pi else contextlib.nullcontext():
             loss_pi = self.model.loss({**x, **y_leaf}, pi)
         grads = torch.autograd.grad(loss_pi, [x[k] for k in xs] + [y_leaf[k] for k in ys])
         gx_pi = dict(zip(xs, grads[: len(xs)], strict=True))
@@ -105,7 +101,9 @@ class PF2LoRAClient(LoRAClient):
         if mode == "first_order":
             return loss_pi.item(), h, y_next
         v = dict(zip(ys, grads[len(xs) :], strict=True))
-        mixed = self._mixed_fd(x, y, v, zeta if zeta is not None else pi, None if zeta is not None else gx_pi, rng)
+        mixed = self._mixed_fd(
+            x, y, v, zeta if zeta is not None else pi, None if zeta is not None else gx_pi, rng, masks
+        )
         return loss_pi.item(), {k: h[k] - alpha * mixed[k] for k in xs}, y_next
 
     def _mixed_fd(
@@ -116,8 +114,11 @@ class PF2LoRAClient(LoRAClient):
         batch: Batch,
         gx_at_y: dict[str, Tensor] | None,
         rng: tuple[Tensor, Tensor | None],
+        masks: DropoutMasks,
     ) -> dict[str, Tensor]:
-        """``grad2_xy F(x, y; batch) . v`` by a forward difference of x-gradients along v."""
+        """``grad2_xy F(x, y; batch) . v`` by a forward difference of x-gradients along v; ``masks``
+        holds the dropout masks of the pass at (x, y) (recorded here for an independent zeta), and
+        ``rng`` the RNG state from before that pass."""
         norm = l2_norm(v)
         if norm == 0:
             return {k: torch.zeros_like(t) for k, t in x.items()}
@@ -127,11 +128,11 @@ class PF2LoRAClient(LoRAClient):
         with fork_rng(device):
             if gx_at_y is None:  # independent zeta: grad_x F(x, y; zeta) costs one more pass
                 set_rng_state(device, rng)
-                with self.masks.record():
+                with masks.record():
                     loss = self.model.loss({**x, **y}, batch)
                 gx_at_y = dict(zip(xs, torch.autograd.grad(loss, [x[k] for k in xs]), strict=True))
             y_pert = {k: y[k] + eps * v[k] for k in y}
-            with self.masks.replay(rng, device):  # the dropout masks of the pass at (x, y), not drawn again
+            with masks.replay(rng, device):  # the dropout masks of the pass at (x, y), not drawn again
                 loss = self.model.loss({**x, **y_pert}, batch)
             g = torch.autograd.grad(loss, [x[k] for k in xs])
         return {k: (gk - gx_at_y[k]) / eps for k, gk in zip(xs, g, strict=True)}

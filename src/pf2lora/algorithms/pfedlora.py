@@ -68,6 +68,11 @@ def adapter_logits(z: Tensor, adapter: Params) -> Tensor:
     return z @ adapter[ADAPTER_A].T @ adapter[ADAPTER_B].T
 
 
+def mixed_logits(z: Tensor, head_logits: Tensor, adapter: Params, mu: float) -> Tensor:
+    """The prediction ``(1 - mu) head(z) + mu adapter(z)``."""
+    return (1 - mu) * head_logits + mu * adapter_logits(z, {k: v.to(z.device) for k, v in adapter.items()})
+
+
 class PFedLoRAServer(FedAvgServer):
     """FedAvg of the adapters, weighted by training examples (or uniform, as configured)."""
 
@@ -126,7 +131,7 @@ class HeterogeneousClient(ClientAlgorithm):
             if adapter is None or mu == 0:
                 loss = F.cross_entropy(logits, batch["labels"])
             elif self.per.objective == "combined":
-                loss = F.cross_entropy((1 - mu) * logits + mu * adapter_logits(z, adapter), batch["labels"])
+                loss = F.cross_entropy(mixed_logits(z, logits, adapter, mu), batch["labels"])
             else:
                 loss = (1 - mu) * F.cross_entropy(logits, batch["labels"]) + mu * F.cross_entropy(
                     adapter_logits(z, adapter), batch["labels"]
@@ -192,8 +197,7 @@ class PFedLoRAClient(HeterogeneousClient):
         return super().predict(client_id, Instruction(own, instruction.config) if own else instruction, state, data)
 
     def combine(self, z: Tensor, head_logits: Tensor, adapter: Params) -> Tensor:
-        mu = self.per.mu
-        return (1 - mu) * head_logits + mu * adapter_logits(z, {k: v.to(z.device) for k, v in adapter.items()})
+        return mixed_logits(z, head_logits, adapter, self.per.mu)
 
 
 class LocalOnlyClient(HeterogeneousClient):
