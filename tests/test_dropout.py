@@ -31,10 +31,15 @@ def _recorded(seed: int, forward):
     return masks, rng, out
 
 
+def _grads(model, logits: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(logits.square().sum(), list(model.parameters())))
+
+
 def test_recorded_pass_is_the_plain_pass_and_replay_reuses_its_masks() -> None:
     model, batch = _model()
     torch.manual_seed(5)
     plain = model(**batch).logits
+    plain_grads = _grads(model, plain)
     after_plain = torch.get_rng_state()
     masks, rng, recorded = _recorded(5, lambda: model(**batch).logits)
     assert torch.equal(recorded, plain)  # the same draws and the same arithmetic as PyTorch's own
@@ -45,6 +50,8 @@ def test_recorded_pass_is_the_plain_pass_and_replay_reuses_its_masks() -> None:
         replayed = model(**batch).logits
     assert torch.equal(replayed, plain)
     assert torch.equal(torch.get_rng_state(), after_plain)  # nothing drawn
+    # and the backward through the replayed masks is PyTorch's own, to the bit
+    assert all(torch.equal(a, b) for a, b in zip(_grads(model, replayed), plain_grads, strict=True))
     torch.manual_seed(6)
     assert not torch.equal(model(**batch).logits, plain)  # other masks give other logits: the checks can fail
 

@@ -81,7 +81,7 @@ class DropoutMasks(TorchFunctionMode):
         if func in _DROPOUTS:
             x, p, training, inplace = _dropout_args(func, args, kwargs)
             if training and p > 0:
-                out = x * self._noise(x, p)
+                out = self._drop(x, p)
                 return x.copy_(out) if inplace else out
         elif func is _ATTENTION:
             dropout_p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
@@ -91,17 +91,20 @@ class DropoutMasks(TorchFunctionMode):
             self.reusable = False
         return func(*args, **kwargs)
 
-    def _noise(self, like: Tensor, p: float) -> Tensor:
-        """What ``torch.dropout`` multiplies by: Bernoulli(1 - p) / (1 - p), recorded or replayed."""
+    def _drop(self, x: Tensor, p: float) -> Tensor:
+        """``torch.dropout(x, p, True)``: x times Bernoulli(1 - p) / (1 - p), recorded or replayed."""
         if self.replaying:
-            if self.position >= len(self.masks) or self.masks[self.position].shape != like.shape:
+            if self.position >= len(self.masks) or self.masks[self.position].shape != x.shape:
                 raise RuntimeError("replayed pass does not match the recorded one (dropout masks differ)")
             mask = self.masks[self.position]
             self.position += 1
-            return mask.to(like.dtype).div_(1 - p)
-        noise = torch.empty_like(like).bernoulli_(1 - p)  # torch's own draw (ATen _dropout_impl)
+            # x * mask is exact (x or 0), so this rounds once, as x * noise does, forward and
+            # backward; it skips turning the mask back into a float tensor, which costs as much as
+            # the multiplication itself
+            return x * mask * torch.ones((), dtype=x.dtype, device=x.device).div_(1 - p)
+        noise = torch.empty_like(x).bernoulli_(1 - p)  # torch's own draw (ATen _dropout_impl)
         self.masks.append(noise.bool())
-        return noise.div_(1 - p)
+        return x * noise.div_(1 - p)
 
     def _attention(
         self,
@@ -131,7 +134,7 @@ class DropoutMasks(TorchFunctionMode):
         if attn_mask is not None:
             attn = attn + attn_mask
         attn = torch.ops.aten._safe_softmax(attn, -1)
-        return torch.matmul(attn * self._noise(attn, dropout_p), value)
+        return torch.matmul(self._drop(attn, dropout_p), value)
 
 
 def _dropout_args(func, args, kwargs) -> tuple[Tensor, float, bool, bool]:
