@@ -45,7 +45,7 @@ def main() -> None:
     repeats = int(os.environ.get("BENCH_REPEATS", "5"))
     scale_sizes = [int(n) for n in os.environ.get("BENCH_CLIENTS", "10,100,1000").split(",")]
     print("step times (interleaved)...", flush=True)
-    times = step_times(repeats=repeats, steps=8)
+    times, faults = step_times(repeats=repeats, steps=8)
     home = times["homlora"]
     print("hypergradient agreement...", flush=True)
     cosine = hypergradient_agreement()
@@ -68,6 +68,7 @@ def main() -> None:
         "step_seconds": times,
         "step_ratio_to_homlora": {k: v / home for k, v in times.items()},
         "homlora_over_bare_peft": home / times["bare_peft"],
+        "step_page_faults": faults,
         "cosine_finite_difference_exact": cosine,
         "step_peak_memory_bytes": {k: v["step_peak_bytes"] for k, v in memory.items()},
         "step_peak_memory_ratio_to_homlora": {
@@ -89,6 +90,11 @@ def print_table(r: dict) -> None:
         ("PF2LoRA exact step / HOMLoRA step", f"{ratio['pf2lora_exact']:.2f}x", "reported"),
         ("PF2LoRA joint step / HOMLoRA step", f"{ratio['pf2lora_joint']:.2f}x", "reported"),
         ("HOMLoRA step / bare PyTorch+PEFT step", f"{r['homlora_over_bare_peft']:.2f}x", "<= 1.10x"),
+        (
+            "minor page faults per step, PF2LoRA fd / HOMLoRA",
+            f"{r['step_page_faults']['pf2lora_finite_difference']:.0f} / {r['step_page_faults']['homlora']:.0f}",
+            "reported",
+        ),
         ("cosine(finite_difference, exact)", f"{r['cosine_finite_difference_exact']:.7f}", ">= 0.999"),
         ("PF2LoRA fd peak step memory / HOMLoRA", f"{mem['pf2lora_finite_difference']:.2f}x", "<= 1.3x"),
         ("PF2LoRA first_order peak step memory / HOMLoRA", f"{mem['pf2lora_first_order']:.2f}x", "reported"),

@@ -2,13 +2,15 @@
 
 Each method runs ``local_steps`` steps of its real client code on the same client data, in
 interleaved repetitions (A B C A B C ...), so machine noise hits every method alike; the median
-per-step time of each is divided by HOMLoRA's. The bare baseline is a plain PyTorch + PEFT LoRA
+per-step time of each is divided by HOMLoRA's, and its minor page faults per step are counted (memory the
+allocator handed back to the OS and faults in again). The bare baseline is a plain PyTorch + PEFT LoRA
 training step (``loss.backward(); AdamW.step()``) on the same batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -91,8 +93,8 @@ def _bare_peft_runner(prepared: Prepared, steps: int) -> Callable[[], float]:
     return run
 
 
-def step_times(repeats: int = 5, steps: int = 5) -> dict[str, float]:
-    """Median seconds per step of every method, measured interleaved."""
+def step_times(repeats: int = 5, steps: int = 5) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds and minor page faults per step of every method, measured interleaved."""
     prepared = setup([])
     runners = {
         "homlora": _client_runner(prepared, "homlora", "finite_difference", steps),
@@ -105,10 +107,13 @@ def step_times(repeats: int = 5, steps: int = 5) -> dict[str, float]:
     for run in runners.values():  # warm-up: allocator, kernels
         run()
     samples: dict[str, list[float]] = {k: [] for k in runners}
+    faults: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(repeats):
         for name, run in runners.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             samples[name].append(run())
-    return {k: statistics.median(v) for k, v in samples.items()}
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps)
+    return {k: statistics.median(v) for k, v in samples.items()}, {k: statistics.median(v) for k, v in faults.items()}
 
 
 def hypergradient_agreement() -> float:
