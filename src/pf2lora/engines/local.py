@@ -149,15 +149,18 @@ class LocalEngine:
         """Every client on its own test split; its effective rank per adapted module."""
         metrics, ranks = {}, {}
         for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
-            received = Instruction(transmit(instruction.params, self.compression)[0], instruction.config)
+            received = self.received(instruction)
             metrics[cid], ranks[cid] = self.site.evaluate(cid, received, self.test_data[cid], self.own_train(cid))
         return metrics, ranks
 
     def client_view(self, cid: int, instruction: Instruction, state: ClientState | None = None) -> Instruction:
         """What client ``cid`` evaluates: the server's evaluation instruction as it arrives, adapted
         by the method to the client's own training data where it does that (Per-FedAvg)."""
-        instruction = Instruction(transmit(instruction.params, self.compression)[0], instruction.config)
-        return self.site.view(cid, instruction, self.own_train(cid), state)
+        return self.site.view(cid, self.received(instruction), self.own_train(cid), state)
+
+    def received(self, instruction: Instruction) -> Instruction:
+        """``instruction`` as a client gets it: its parameters through the wire dtype and back."""
+        return Instruction(transmit(instruction.params, self.compression)[0], instruction.config)
 
     def personal_parameters(self) -> dict[int, int]:
         """Size of each evaluated client's own parameters (its personal adapter or local model)."""
