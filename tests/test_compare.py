@@ -61,7 +61,9 @@ def test_sweep_is_one_row_per_value_and_combination() -> None:
     [
         ({"items": ["algorithms=pf2lora,fedprox"]}, "unknown algorithm 'fedprox'"),
         ({"items": ["seeds=0,x"]}, "seeds: expected integers"),
-        ({"items": ["algorithms=pfedlora"]}, "run pfedlora with `pf2lora run`"),
+        ({"items": ["algorithms=pf2lora,local"]}, "not both: local with pf2lora"),
+        ({"items": ["algorithms=pfedlora"], "variants": ["homlora"]}, "not both: pfedlora with homlora"),
+        ({"items": ["algorithms=pf2lora,homlora"], "baseline": "local"}, "--baseline 'local' is not a row"),
         ({"items": ["heterogeneity=0.5,1.5"]}, "heterogeneity must be in [0, 1]"),
         ({"items": ["heterogeneity=0.5,0.9", "data.partition=dirichlet"]}, "need data.partition=heterogeneity"),
         ({"items": [], "metric": "auc"}, "unknown metric 'auc'"),
@@ -76,6 +78,27 @@ def test_bad_grids_are_refused_before_any_run(kwargs: dict, message: str) -> Non
     with pytest.raises(ConfigError, match=None) as err:
         compare.plan(None, **kwargs)
     assert message in str(err.value)
+
+
+def test_model_heterogeneous_methods_and_their_column() -> None:
+    items = ["algorithms=pfedlora,local", "data.dataset=digits", "data.partition=classes", "seeds=0,1"]
+    grid = compare.plan(None, items, variants=["pfedlora pfedlora.objective=combined"], baseline="local")
+    assert [r.label for r in grid.rows] == ["pfedlora", "local", "pfedlora (pfedlora.objective=combined)"]
+    assert [c.label for c in grid.columns] == ["2 classes per client"]
+    assert grid.baseline == "local" and len(grid.runs) == 3 * 2
+    assert {cfg.pfedlora.objective for row, _, _, cfg in grid.runs if row.overrides} == {"combined"}
+    dirichlet = compare.plan(None, ["algorithms=local", "data.dataset=digits", "data.partition=dirichlet"])
+    assert [c.label for c in dirichlet.columns] == ["Dirichlet alpha=0.5"]
+
+
+def test_paired_differences_by_hand() -> None:
+    p = compare.paired([0.5, 0.7, 0.6], [0.4, 0.7, 0.7])
+    assert p["differences"] == pytest.approx([0.1, 0.0, -0.1])
+    assert p["mean"] == pytest.approx(0.0) and p["std"] == pytest.approx((0.02 / 3) ** 0.5)
+    # t(0.975, 2 degrees of freedom) = 4.302653; sample std of the differences 0.1; 3 seeds
+    half = 4.302653 * 0.1 / 3**0.5
+    assert p["ci95"] == pytest.approx([-half, half], rel=1e-6)
+    assert (p["wins"], p["ties"], p["losses"]) == (1, 1, 1)
 
 
 def _fake_results(out: Path, grid: compare.Plan) -> None:
@@ -117,6 +140,23 @@ def test_table_mean_and_std_over_seeds(tmp_path: Path) -> None:
     assert lines[0][:3] == ["method", "trainable_parameters", "communicated_parameters_per_client_round"]
     assert len(lines) == 4 and all(len(line) == 3 + 2 * 2 for line in lines)
     assert (tmp_path / "compare.png").stat().st_size > 0
+    assert "vs_baseline" not in cell and table["baseline"] is None
+
+
+def test_table_against_a_baseline(tmp_path: Path) -> None:
+    grid = compare.plan(None, ["algorithms=pf2lora,homlora,centralized", "seeds=0,2"], baseline="pf2lora")
+    _fake_results(tmp_path, grid)
+    table = compare.build_table(grid, tmp_path)
+    rows = {r["method"]: r for r in table["rows"]}
+    assert "vs_baseline" not in rows["pf2lora"]["cells"]["h=0.9"]
+    hom = rows["homlora"]["cells"]["h=0.9"]["vs_baseline"]  # 0.2 better on both seeds
+    assert hom["differences"] == pytest.approx([0.2, 0.2]) and hom["ci95"] == pytest.approx([0.2, 0.2])
+    assert (hom["wins"], hom["ties"], hom["losses"]) == (2, 0, 0)
+    cen = rows["centralized"]["cells"]["h=0.9"]["vs_baseline"]
+    assert (cen["wins"], cen["ties"], cen["losses"]) == (0, 2, 0)
+    md = compare.markdown(table)
+    assert "| Against pf2lora | h=0.9 |" in md
+    assert "| homlora | +20.00 ± 0.00 [+20.00, +20.00], 2/0/0 |" in md
 
 
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
@@ -155,3 +195,28 @@ def test_compare_on_the_bundled_model_produces_a_complete_table(tmp_path: Path, 
     assert len(stamp) == 5 * 2
     assert main([*args, "--quiet", "--resume"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamp
+
+
+def test_compare_runs_pfedlora_and_its_baselines_as_pf2lora_run_does(tmp_path: Path, capsys) -> None:
+    """Each run of the grid is the run `pf2lora run` makes with the same settings and seed."""
+    tiny = [
+        "data.dataset=digits",
+        "data.num_clients=2",
+        "data.partition=classes",
+        "pfedlora.models=[cnn5]",
+        "train.rounds=1",
+        "train.local_steps=2",
+    ]
+    out = tmp_path / "cmp"
+    args = ["compare", *tiny, "algorithms=pfedlora,local", "seeds=0,1", "--baseline", "local", "--out", str(out)]
+    assert main([*args, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Against local | 2 classes per client |" in printed and "| pfedlora | " in printed
+    table = json.loads((out / "table.json").read_text())
+    assert [r["method"] for r in table["rows"]] == ["pfedlora", "local"]
+    assert main(["run", *tiny, "algorithms=[pfedlora]", "seed=1", "--quiet", "--out", str(tmp_path / "one")]) == 0
+    alone = json.loads((tmp_path / "one" / "results.json").read_text())["pfedlora"]["mean"]["accuracy"]
+    pfedlora = table["rows"][0]["cells"]["2 classes per client"]
+    assert pfedlora["seeds"][1] == alone
+    local = table["rows"][1]["cells"]["2 classes per client"]["seeds"]
+    assert pfedlora["vs_baseline"]["differences"] == pytest.approx([a - b for a, b in zip(pfedlora["seeds"], local)])

@@ -31,9 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     cmp = sub.add_parser(
         "compare",
-        help="the paper's comparison table: methods x heterogeneity levels (or datasets), over seeds",
+        help="a comparison table: methods x heterogeneity levels (or datasets), over seeds",
         description="Runs every method on the same partitions for each heterogeneity level / dataset and seed, "
-        "and writes table.md, table.csv, table.json and compare.png. The list axes: algorithms=a,b "
+        "and writes table.md, table.csv, table.json and compare.png. The methods are LoRA methods, or the "
+        "model-heterogeneous ones (pfedlora, local, fedavg). The list axes: algorithms=a,b "
         "heterogeneity=0.6,0.9 seeds=0,1 datasets=x,y; any other key=value overrides the config.",
     )
     cmp.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
@@ -50,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="'ALGO key=value ...'",
         help="an extra row: a method with overrides",
+    )
+    cmp.add_argument(
+        "--baseline",
+        metavar="ROW",
+        help="also compare every other row with this one seed by seed (e.g. local): mean difference, 95%% "
+        "confidence interval, seeds won / tied / lost",
     )
     cmp.add_argument(
         "--ablation",
@@ -109,7 +116,7 @@ def compare(args: argparse.Namespace, items: list[str]) -> int:
     config = items[0] if items and "=" not in items[0] else None
     overrides = items[1:] if config is not None else items
     try:
-        grid = cmp.plan(config, overrides, args.sweep, args.variant, args.ablation, args.metric)
+        grid = cmp.plan(config, overrides, args.sweep, args.variant, args.ablation, args.metric, args.baseline)
         name = grid.runs[0][3].name
         out = args.out or Path("runs") / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not args.resume:

@@ -64,6 +64,7 @@ class Plan:
     columns: list[Column]
     seeds: list[int]
     metric: str
+    baseline: str | None = None
     runs: list[tuple[Row, Column, int, ExperimentConfig]] = field(default_factory=list)
 
 
@@ -88,13 +89,18 @@ def plan(
     variants: list[str] | None = None,
     ablations: list[str] | None = None,
     metric: str = "accuracy",
+    baseline: str | None = None,
 ) -> Plan:
     """Resolve the grid and validate every run's config before anything runs (ConfigError on bad input).
 
     ``items``: ``key=value`` overrides, where ``algorithms=``, ``heterogeneity=``, ``seeds=`` and
     ``datasets=`` take comma-separated lists (the axes of the grid). ``sweeps``: ``KEY=V1,V2,...``,
     one row per algorithm and value (several sweeps: every combination). ``variants``: ``"ALGORITHM
-    key=value ..."``, one extra row each. ``ablations``: names in :data:`ABLATIONS`.
+    key=value ..."``, one extra row each. ``ablations``: names in :data:`ABLATIONS`. ``baseline``: a
+    row's label; every other row is also compared with it seed by seed (paired differences).
+
+    The rows are either LoRA methods or the model-heterogeneous ones (pFedLoRA, local-only, FedAvg
+    of whole models), whose data and models differ from the LoRA methods'.
     """
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
@@ -114,9 +120,6 @@ def plan(
             overrides.append(item)
     cfg = load_config(config, overrides)
     algorithms = [str(a) for a in axes.get("algorithms", cfg.algorithms)]
-    hetero = [a for a in algorithms if a in HETEROGENEOUS_ALGORITHMS]
-    if hetero:
-        raise ConfigError(f"compare runs the LoRA methods; run {', '.join(hetero)} with `pf2lora run`")
     levels = axes.get("heterogeneity", [cfg.data.heterogeneity])
     seeds = axes.get("seeds", [cfg.seed])
     datasets = [str(d) for d in axes.get("datasets", [cfg.data.dataset])]
@@ -157,12 +160,24 @@ def plan(
             raise ConfigError(f"--variant {variant!r} must be 'ALGORITHM key=value ...'")
         rows.append(Row(parts[0], tuple(parts[1:])))
     rows = list(dict.fromkeys(rows))  # no duplicate rows
+    hetero = {r.algorithm for r in rows if r.algorithm in HETEROGENEOUS_ALGORITHMS}
+    if hetero and len(hetero) < len({r.algorithm for r in rows}):
+        lora = sorted({r.algorithm for r in rows} - hetero)
+        raise ConfigError(
+            f"compare runs either LoRA methods or model-heterogeneous ones ({', '.join(HETEROGENEOUS_ALGORITHMS)}) "
+            f"in one table, not both: {', '.join(sorted(hetero))} with {', '.join(lora)}"
+        )
+    if baseline is not None and baseline not in [r.label for r in rows]:
+        raise ConfigError(f"--baseline {baseline!r} is not a row (rows: {', '.join(r.label for r in rows)})")
 
     many = len(datasets) > 1
+    setting = _partition_label(cfg)
     columns = [
-        Column(d, float(h), f"{d} h={float(h):g}" if many else f"h={float(h):g}") for d in datasets for h in levels
+        Column(d, float(h), f"{d} {setting or f'h={float(h):g}'}" if many else setting or f"h={float(h):g}")
+        for d in datasets
+        for h in levels
     ]
-    result = Plan(rows, columns, [int(s) for s in seeds], metric)
+    result = Plan(rows, columns, [int(s) for s in seeds], metric, baseline)
     for column, seed, row in itertools.product(columns, result.seeds, rows):
         run_overrides = [
             *overrides,
@@ -176,6 +191,16 @@ def plan(
         run_cfg.validate()
         result.runs.append((row, column, seed, run_cfg))
     return result
+
+
+def _partition_label(cfg: ExperimentConfig) -> str | None:
+    """A column's name when the clients are not split by heterogeneity level (None when they are)."""
+    d = cfg.data
+    return {
+        "heterogeneity": None,
+        "classes": f"{d.classes_per_client} classes per client",
+        "dirichlet": f"Dirichlet alpha={d.dirichlet_alpha:g}",
+    }.get(d.partition, d.partition)
 
 
 def run_dir(out: Path, row: Row, column: Column, seed: int) -> Path:
@@ -197,11 +222,22 @@ def execute(
     """Prepare every distinct dataset first (all bad input surfaces before training), then run the
     grid, skipping finished runs when ``resume``. Writes and returns the table."""
     from pf2lora.experiment import Prepared, prepare, run_experiment
+    from pf2lora.experiments.heterogeneous import prepare_heterogeneous, run_heterogeneous
 
-    data = {}
+    def prepared_for(cfg: ExperimentConfig) -> Any:
+        if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:  # every client's model, built and checked
+            return prepare_heterogeneous(cfg, data[_data_key(cfg)])
+        return Prepared(cfg, data[_data_key(cfg)])
+
+    data: dict[str, Any] = {}
     for _, _, _, cfg in grid.runs:
         key = _data_key(cfg)
-        if key not in data:
+        if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
+            if key not in data:
+                data[key] = prepare_heterogeneous(cfg).data
+            else:
+                prepared_for(cfg)  # each run's models checked on its clients' data before any training
+        elif key not in data:
             prepared = prepare(cfg)
             prepared.checked = None  # the model is loaded again for each run; keep memory flat
             data[key] = prepared.data
@@ -219,9 +255,11 @@ def execute(
         if cfg.engine == "flower":  # each run on Flower's simulation runtime
             from pf2lora.engines.flower.simulation import run_simulation
 
-            run_simulation(Prepared(cfg, data[_data_key(cfg)]), folder, progress)
+            run_simulation(prepared_for(cfg), folder, progress)
+        elif cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
+            run_heterogeneous(prepared_for(cfg), folder, progress)
         else:
-            run_experiment(Prepared(cfg, data[_data_key(cfg)]), folder, progress)
+            run_experiment(prepared_for(cfg), folder, progress)
     table = build_table(grid, out)
     table["seconds"] = round(time.perf_counter() - started, 1)
     write_table(table, out)
@@ -269,11 +307,38 @@ def build_table(grid: Plan, out: Path) -> dict[str, Any]:
                 "cells": cells,
             }
         )
+    if grid.baseline is not None:
+        base = next(r for r in rows if r["method"] == grid.baseline)
+        for r in rows:
+            if r is not base:
+                for column, cell in r["cells"].items():
+                    cell["vs_baseline"] = paired(cell["seeds"], base["cells"][column]["seeds"])
     return {
         "metric": grid.metric,
         "columns": [c.label for c in grid.columns],
         "seeds": grid.seeds,
+        "baseline": grid.baseline,
         "rows": rows,
+    }
+
+
+def paired(values: list[float], baseline: list[float]) -> dict[str, Any]:
+    """A row against the baseline on the same seeds (same partitions): the per-seed differences,
+    their mean and std, a 95% confidence interval for the mean (Student's t over the seeds), and how
+    many seeds it wins, ties and loses."""
+    from scipy import stats
+
+    diff = np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float)
+    n = len(diff)
+    half = float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return {
+        "differences": diff.tolist(),
+        "mean": float(diff.mean()),
+        "std": float(diff.std()),
+        "ci95": [float(diff.mean()) - half, float(diff.mean()) + half],
+        "wins": int((diff > 1e-12).sum()),
+        "ties": int((np.abs(diff) <= 1e-12).sum()),
+        "losses": int((diff < -1e-12).sum()),
     }
 
 
@@ -312,7 +377,25 @@ def markdown(table: dict[str, Any]) -> str:
         f"{table['metric']} (x100), mean over clients (each on its own test split), mean ± std over seeds {seeds}; "
         "best per column in bold. Communicated: parameters sent plus received per client per round."
     )
+    if table.get("baseline"):
+        lines += ["", "| Against " + table["baseline"] + " | " + " | ".join(columns) + " |"]
+        lines.append("|" + "|".join(["---"] + ["---:"] * len(columns)) + "|")
+        for r in table["rows"]:
+            if r["method"] != table["baseline"]:
+                cells = [_paired_cell(r["cells"][c]["vs_baseline"]) for c in columns]
+                lines.append("| " + " | ".join([r["method"], *cells]) + " |")
+        lines.append("")
+        lines.append(
+            f"Paired by seed (same partitions): the row minus {table['baseline']}, x100, mean ± std over seeds, "
+            "[95% confidence interval of the mean], seeds won / tied / lost."
+        )
     return "\n".join(lines) + "\n"
+
+
+def _paired_cell(p: dict[str, Any]) -> str:
+    low, high = p["ci95"]
+    ci = "" if math.isnan(low) else f" [{100 * low:+.2f}, {100 * high:+.2f}]"
+    return f"{100 * p['mean']:+.2f} ± {100 * p['std']:.2f}{ci}, {p['wins']}/{p['ties']}/{p['losses']}"
 
 
 def write_table(table: dict[str, Any], out: Path) -> None:

@@ -101,9 +101,10 @@ def plot_compare(table: dict[str, Any], path: Path) -> None:
         std = [r["cells"][c]["std"] for c in columns]
         left.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=r["method"])
     left.set_xticks(x, columns)
-    left.set_xlabel("heterogeneity (label-sorted fraction of each client's data)")
+    by_level = all("h=" in c for c in columns)
+    left.set_xlabel("heterogeneity (label-sorted fraction of each client's data)" if by_level else "setting")
     left.set_ylabel(f"mean client {metric}")
-    left.set_title(f"{metric} against heterogeneity (± std over seeds {table['seeds']})")
+    left.set_title(f"{metric} against {'heterogeneity' if by_level else 'setting'} (± std over seeds {table['seeds']})")
     left.legend(fontsize=8)
     last = columns[-1]
     clients = list(rows[0]["cells"][last]["clients"])

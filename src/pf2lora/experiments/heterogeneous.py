@@ -56,19 +56,20 @@ class PreparedHeterogeneous:
         return model_device(self.cfg)
 
 
-def prepare_heterogeneous(cfg: ExperimentConfig) -> PreparedHeterogeneous:
-    """Load and partition the data, build every client's model and check it gives the shared
-    dimension on the client's own data. Raises ConfigError on any bad input, before training."""
+def prepare_heterogeneous(cfg: ExperimentConfig, data: FederatedData | None = None) -> PreparedHeterogeneous:
+    """Load and partition the data (or take ``data``, already built from the same settings), build
+    every client's model and check it gives the shared dimension on the client's own data. Raises
+    ConfigError on any bad input, before training."""
     check_runtime(cfg)
-    if cfg.data.dataset in IMAGE_DATASETS:
+    if data is None and cfg.data.dataset in IMAGE_DATASETS:
         data = build_image_data(cfg.data, cfg.seed)
-        in_shape: tuple[int, ...] | None = tuple(data.train[0].images.shape[1:])  # type: ignore[attr-defined]
-    else:
+    elif data is None:
         from pf2lora.models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.name)
         data = build_federated_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed)
-        in_shape = None
+    images = getattr(data.train[0], "images", None)
+    in_shape: tuple[int, ...] | None = None if images is None else tuple(images.shape[1:])
     prepared = PreparedHeterogeneous(cfg, data)
     m, pf = cfg.data.num_clients, cfg.pfedlora
     for name in cfg.algorithms:
