@@ -52,10 +52,11 @@ class Column:
     dataset: str
     heterogeneity: float
     label: str
+    setting: str | None = None  # the partition, when it is not by heterogeneity level
 
     @property
     def slug(self) -> str:
-        return _slug(f"{self.dataset}-h{self.heterogeneity:g}")
+        return _slug(f"{self.dataset}-{self.setting or f'h{self.heterogeneity:g}'}")
 
 
 @dataclass
@@ -173,7 +174,7 @@ def plan(
     many = len(datasets) > 1
     setting = _partition_label(cfg)
     columns = [
-        Column(d, float(h), f"{d} {setting or f'h={float(h):g}'}" if many else setting or f"h={float(h):g}")
+        Column(d, float(h), f"{d} {setting or f'h={float(h):g}'}" if many else setting or f"h={float(h):g}", setting)
         for d in datasets
         for h in levels
     ]

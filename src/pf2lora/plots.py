@@ -96,15 +96,17 @@ def plot_compare(table: dict[str, Any], path: Path) -> None:
     columns, rows, metric = table["columns"], table["rows"], table["metric"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
     x = np.arange(len(columns))
-    for r in rows:
+    dodge = 0.25 / max(len(rows), 1)  # side by side, so the error bars of one column do not hide each other
+    for i, r in enumerate(rows):
         mean = [r["cells"][c]["mean"] for c in columns]
         std = [r["cells"][c]["std"] for c in columns]
-        left.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=r["method"])
+        left.errorbar(x + (i - (len(rows) - 1) / 2) * dodge, mean, yerr=std, marker="o", capsize=3, label=r["method"])
     left.set_xticks(x, columns)
     by_level = all("h=" in c for c in columns)
     left.set_xlabel("heterogeneity (label-sorted fraction of each client's data)" if by_level else "setting")
     left.set_ylabel(f"mean client {metric}")
-    left.set_title(f"{metric} against {'heterogeneity' if by_level else 'setting'} (± std over seeds {table['seeds']})")
+    seeds = f"seeds {table['seeds']}" if len(table["seeds"]) <= 5 else f"{len(table['seeds'])} seeds"
+    left.set_title(f"{metric} against {'heterogeneity' if by_level else 'setting'} (± std over {seeds})")
     left.legend(fontsize=8)
     last = columns[-1]
     clients = list(rows[0]["cells"][last]["clients"])
