@@ -99,6 +99,9 @@ def test_paired_differences_by_hand() -> None:
     half = 4.302653 * 0.1 / 3**0.5
     assert p["ci95"] == pytest.approx([-half, half], rel=1e-6)
     assert (p["wins"], p["ties"], p["losses"]) == (1, 1, 1)
+    one = compare.paired([0.5], [0.4])  # one seed: a difference, no interval
+    assert one["mean"] == pytest.approx(0.1) and one["ci95"] is None
+    assert compare._paired_cell(one) == "+10.00 ± 0.00, 1/0/0"
 
 
 def _fake_results(out: Path, grid: compare.Plan) -> None:
