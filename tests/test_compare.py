@@ -200,7 +200,7 @@ def test_compare_on_the_bundled_model_produces_a_complete_table(tmp_path: Path, 
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamp
 
 
-def test_compare_runs_pfedlora_and_its_baselines_as_pf2lora_run_does(tmp_path: Path, capsys) -> None:
+def test_compare_runs_pfedlora_and_its_baselines_as_pf2lora_run_does(tmp_path: Path, capsys, monkeypatch) -> None:
     """Each run of the grid is the run `pf2lora run` makes with the same settings and seed."""
     tiny = [
         "data.dataset=digits",
@@ -223,3 +223,12 @@ def test_compare_runs_pfedlora_and_its_baselines_as_pf2lora_run_does(tmp_path: P
     assert pfedlora["seeds"][1] == alone
     local = table["rows"][1]["cells"]["2 classes per client"]["seeds"]
     assert pfedlora["vs_baseline"]["differences"] == pytest.approx([a - b for a, b in zip(pfedlora["seeds"], local)])
+    # --resume of a finished grid neither trains nor prepares anything again
+    import pf2lora.experiments.heterogeneous as heterogeneous
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was prepared again")
+
+    monkeypatch.setattr(heterogeneous, "prepare_heterogeneous", refuse)
+    assert main([*args, "--quiet", "--resume"]) == 0
+    assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]

@@ -231,7 +231,9 @@ def execute(
         return Prepared(cfg, data[_data_key(cfg)])
 
     data: dict[str, Any] = {}
-    for _, _, _, cfg in grid.runs:
+    for row, column, seed, cfg in grid.runs:
+        if resume and _finished(run_dir(out, row, column, seed), cfg):
+            continue  # kept as it is: nothing to prepare
         key = _data_key(cfg)
         if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
             if key not in data:
