@@ -19,7 +19,7 @@ from pf2lora.data import partition
 from pf2lora.data.images import ImageData, build_image_data
 from pf2lora.engines.local import LocalEngine
 from pf2lora.experiments.heterogeneous import build, prepare_heterogeneous
-from pf2lora.zoo import CNNS, ModelZoo
+from pf2lora.zoo import CNNS, ModelZoo, TruncatedEncoder
 
 
 def wrong_dim_body() -> nn.Module:
@@ -221,3 +221,12 @@ def test_the_objectives_differ_as_documented() -> None:
         losses[objective] = loss
         assert loss == pytest.approx(expected.item(), rel=1e-5)
     assert losses["separate"] != pytest.approx(losses["combined"], rel=1e-3)
+
+
+def test_a_truncated_encoder_loads_quietly(capfd) -> None:
+    """Cutting the bundled encoder leaves its pooler unused; transformers' report of that (and its
+    progress bar) would be printed for every model of every run."""
+    encoder = TruncatedEncoder("bundled", 2)
+    assert len(encoder.encoder.encoder.layer) == 2
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "Loading weights" not in out + err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -34,10 +36,26 @@ def load_tokenizer(name: str):
         raise _explain(name, err) from None
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' load report (keys expected to be new or unused) and progress bar, silenced
+    while a model loads; loading takes a second."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_classifier(name: str, num_labels: int, dropout: float | None = None) -> nn.Module:
     """A sequence-classification model with a fresh head of ``num_labels`` outputs."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     path = resolve(name)
     try:
@@ -46,15 +64,8 @@ def load_classifier(name: str, num_labels: int, dropout: float | None = None) ->
             for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
                 if hasattr(config, key):
                     setattr(config, key, dropout)
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
-        hf_logging.disable_progress_bar()  # loading takes a second; no bar for it
-        try:
+        with quiet_loading():  # the "newly initialised head" report is expected here
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
     except Exception as err:
         raise _explain(name, err) from None
     if getattr(model.config, "pad_token_id", None) is None:

@@ -54,10 +54,11 @@ class TruncatedEncoder(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        from pf2lora.models import resolve
+        from pf2lora.models import quiet_loading, resolve
 
         try:
-            model = AutoModel.from_pretrained(resolve(name), add_pooling_layer=False)
+            with quiet_loading():  # the unused pooler's weights are expected: it is not built
+                model = AutoModel.from_pretrained(resolve(name), add_pooling_layer=False)
         except Exception as err:  # noqa: BLE001
             raise ConfigError(f"cannot load encoder {name!r}: {str(err).splitlines()[0][:200]}") from None
         layers = model.encoder.layer
