@@ -151,15 +151,15 @@ def compare(args: argparse.Namespace, items: list[str]) -> int:
     return 0
 
 
-def flower_simulation():  # type: ignore[no-untyped-def]
-    """Flower's simulation runner and its error for a federation that cannot go on, or a ConfigError
-    saying how to install Flower."""
+def flower_federation_error() -> type[Exception]:
+    """Flower's error for a federation that cannot go on (its simulation runtime importable), or a
+    ConfigError saying how to install Flower."""
     try:
+        import pf2lora.engines.flower.simulation  # noqa: F401 - what engine=flower runs on
         from pf2lora.engines.flower.server_app import FederationError
-        from pf2lora.engines.flower.simulation import run_simulation
     except ImportError as err:
         raise ConfigError(f"engine=flower needs Flower: pip install 'pf2lora[flower]' ({err})") from err
-    return run_simulation, FederationError
+    return FederationError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,13 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, overrides)
         out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         from pf2lora.config import HETEROGENEOUS_ALGORITHMS
-        from pf2lora.experiment import check_out_dir, prepare_any, run_experiment
-        from pf2lora.experiments.heterogeneous import run_heterogeneous
+        from pf2lora.experiment import check_out_dir, prepare_any, run_any
 
         check_out_dir(out, args.force)
+        federation_errors: tuple[type[Exception], ...] = ()  # an in-process run has none
         if cfg.engine == "flower":
-            simulation, federation_error = flower_simulation()
-        heterogeneous = cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS
+            federation_errors = (flower_federation_error(),)  # Flower installed, before any work
         prepared = prepare_any(cfg)
     except ConfigError as err:
         print(f"pf2lora: error: {err}", file=sys.stderr)
@@ -202,18 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     from pf2lora.report import Progress, print_accounting, print_summary
 
     with Progress(disabled=args.quiet) as progress:
-        if cfg.engine == "flower":
-            try:
-                results = simulation(prepared, out, progress.task)
-            except federation_error as err:  # too few clients answered: what ran is in the run directory
-                print(f"pf2lora: error: {err}", file=sys.stderr)
-                return 1
-        elif heterogeneous:
-            results = run_heterogeneous(prepared, out, progress.task)  # type: ignore[arg-type]
-        else:
-            results = run_experiment(prepared, out, progress.task)  # type: ignore[arg-type]
+        try:
+            results = run_any(prepared, out, progress.task)
+        except federation_errors as err:  # too few clients answered: what ran is in the run directory
+            print(f"pf2lora: error: {err}", file=sys.stderr)
+            return 1
     print_summary({k: v for k, v in results.items() if k != "accounting"}, out)
-    if heterogeneous:
+    if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
         print_accounting(results)
     return 0
 

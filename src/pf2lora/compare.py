@@ -222,28 +222,22 @@ def execute(
 ) -> dict[str, Any]:
     """Prepare every distinct dataset first (all bad input surfaces before training), then run the
     grid, skipping finished runs when ``resume``. Writes and returns the table."""
-    from pf2lora.experiment import Prepared, prepare, run_experiment
-    from pf2lora.experiments.heterogeneous import prepare_heterogeneous, run_heterogeneous
+    from pf2lora.experiment import Prepared, prepare_any, run_any
+    from pf2lora.experiments.heterogeneous import prepare_heterogeneous
 
     def prepared_for(cfg: ExperimentConfig) -> Any:
         if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:  # every client's model, built and checked
             return prepare_heterogeneous(cfg, data[_data_key(cfg)])
         return Prepared(cfg, data[_data_key(cfg)])
 
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = {}  # only the data is kept: models are loaded again for each run
     for row, column, seed, cfg in grid.runs:
         if resume and _finished(run_dir(out, row, column, seed), cfg):
             continue  # kept as it is: nothing to prepare
-        key = _data_key(cfg)
-        if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
-            if key not in data:
-                data[key] = prepare_heterogeneous(cfg).data
-            else:
-                prepared_for(cfg)  # each run's models checked on its clients' data before any training
-        elif key not in data:
-            prepared = prepare(cfg)
-            prepared.checked = None  # the model is loaded again for each run; keep memory flat
-            data[key] = prepared.data
+        if _data_key(cfg) not in data:
+            data[_data_key(cfg)] = prepare_any(cfg).data  # the data, and this run's model checked on it
+        elif cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
+            prepared_for(cfg)  # each run's own models checked on its clients' data before any training
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for i, (row, column, seed, cfg) in enumerate(grid.runs):
@@ -255,14 +249,7 @@ def execute(
         if folder.exists():
             for stale in sorted(folder.rglob("*"), reverse=True):
                 stale.unlink() if stale.is_file() else stale.rmdir()
-        if cfg.engine == "flower":  # each run on Flower's simulation runtime
-            from pf2lora.engines.flower.simulation import run_simulation
-
-            run_simulation(prepared_for(cfg), folder, progress)
-        elif cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
-            run_heterogeneous(prepared_for(cfg), folder, progress)
-        else:
-            run_experiment(prepared_for(cfg), folder, progress)
+        run_any(prepared_for(cfg), folder, progress)  # on Flower's simulation runtime for engine=flower
     table = build_table(grid, out)
     table["seconds"] = round(time.perf_counter() - started, 1)
     write_table(table, out)

@@ -85,6 +85,23 @@ def prepare_any(cfg: ExperimentConfig) -> Any:
     return prepare(cfg)
 
 
+def run_any(
+    prepared: Any, out: Path, progress: Callable[[str, int], Callable[[], None]] | None = None
+) -> dict[str, Any]:
+    """Run a prepared experiment (from :func:`prepare_any`) on its engine: Flower's simulation
+    runtime for ``engine=flower``, else in process (:func:`run_experiment` or
+    ``run_heterogeneous``). Returns ``results.json``."""
+    if prepared.cfg.engine == "flower":
+        from pf2lora.engines.flower.simulation import run_simulation
+
+        return run_simulation(prepared, out, progress)
+    if prepared.cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
+        from pf2lora.experiments.heterogeneous import run_heterogeneous
+
+        return run_heterogeneous(prepared, out, progress)
+    return run_experiment(prepared, out, progress)
+
+
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Load and partition the data and check the model, raising ConfigError on any bad input."""
     check_runtime(cfg)
