@@ -169,6 +169,10 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
     assert err.startswith("pf2lora: error: ") and len(err.splitlines()) == 1
     assert main(["compare", *TINY, "data.dataset=nonexistent_set", "--out", str(out)]) == 2
     assert "pf2lora: error: " in capsys.readouterr().err
+    for bad in (["--baseline", "fedprox"], ["algorithms=pf2lora,pfedlora"]):  # no such row; two kinds of method
+        assert main(["compare", *TINY, *bad, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pf2lora: error: ") and len(err.splitlines()) == 1
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("earlier work")
