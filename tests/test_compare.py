@@ -236,3 +236,21 @@ def test_compare_runs_pfedlora_and_its_baselines_as_pf2lora_run_does(tmp_path: P
     monkeypatch.setattr(heterogeneous, "prepare_heterogeneous", refuse)
     assert main([*args, "--quiet", "--resume"]) == 0
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+
+
+def test_compare_jobs_runs_the_grid_in_worker_processes_with_the_same_results(tmp_path: Path, capsys) -> None:
+    """--jobs 2 runs two runs at once, each in its own process; every run is seeded by its config,
+    so the table is the one --jobs 1 writes (same threads per run)."""
+    tiny = ["data.dataset=digits", "data.num_clients=2", "data.partition=classes", "pfedlora.models=[cnn5]"]
+    tiny += ["train.rounds=1", "train.local_steps=2", "train.threads=1", "algorithms=pfedlora,local", "seeds=0,1"]
+    tables = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["compare", *tiny, "--jobs", jobs, "--quiet", "--out", str(out)]) == 0
+        tables.append(json.loads((out / "table.json").read_text())["rows"])
+        assert len(list(out.rglob("results.json"))) == 4
+    assert tables[0] == tables[1]
+    capsys.readouterr()
+    assert main(["compare", *tiny, "--jobs", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

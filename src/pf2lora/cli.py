@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="bilevel: PF2LoRA without the bilevel step (F.2)",
     )
+    cmp.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at once, each in its own process (default 1; on 2 cores, 2 with train.threads=1 is ~1.4x faster)",
+    )
     cmp.add_argument("--quiet", action="store_true", help="no progress bar")
     syn = sub.add_parser("synthetic", help="the paper's synthetic rank-recovery experiment (Figure 2)")
     syn.add_argument("--out", type=Path, default=Path("runs/synthetic"), help="output directory")
@@ -116,6 +123,8 @@ def compare(args: argparse.Namespace, items: list[str]) -> int:
     config = items[0] if items and "=" not in items[0] else None
     overrides = items[1:] if config is not None else items
     try:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         grid = cmp.plan(config, overrides, args.sweep, args.variant, args.ablation, args.metric, args.baseline)
         name = grid.runs[0][3].name
         out = args.out or Path("runs") / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -142,6 +151,7 @@ def compare(args: argparse.Namespace, items: list[str]) -> int:
                 args.resume,
                 on_run=lambda i, n, what: console.print(f"[{i + 1}/{n}] {what}") if not args.quiet else None,
                 progress=progress.task,
+                jobs=args.jobs,
             )
     except ConfigError as err:  # data or model problems found while preparing, before any training
         print(f"pf2lora: error: {err}", file=sys.stderr)
