@@ -114,7 +114,7 @@ class PFedLoRAConfig:
     adapter_steps: int | None = _help("adapter steps per round (None: train.local_steps)", None)
     objective: str = _help(
         "separate: (1 - mu) CE(head) + mu CE(adapter) for the local model, CE(adapter) for the adapter "
-        "(SPEC 2.6); combined: both phases minimise CE of the prediction (1 - mu) head + mu adapter, as a "
+        "(the default reading); combined: both phases minimise CE of the prediction (1 - mu) head + mu adapter, as a "
         "LoRA branch is trained on the sum of its output and the frozen layer's",
         "separate",
     )

@@ -1,4 +1,4 @@
-"""Centralized LoRA (SPEC 2.5): the reference upper bound of the paper's tables.
+"""Centralized LoRA (PF2LoRA paper, Section 6): the reference upper bound of the paper's tables.
 
 All clients' training data pooled, one LoRA of rank r trained with AdamW for the same total number
 of optimizer steps as the federation takes (R rounds x I local steps x the clients of a round),

@@ -1,5 +1,5 @@
-"""pFedLoRA (Yi et al., arXiv 2310.13283; SPEC 2.6): model-heterogeneous clients sharing a
-homogeneous low-rank adapter, and the two baselines it is measured against.
+"""pFedLoRA (Yi et al., arXiv 2310.13283; our reading, docs/design.md section 4): model-heterogeneous
+clients sharing a homogeneous low-rank adapter, and the two baselines it is measured against.
 
 Every client k has its own local model (any architecture) whose body gives a representation z of a
 shared dimension d, then its own head. The adapter ``adapter(z) = B A z`` (A: r x d, B: C x r) has
@@ -12,7 +12,7 @@ the same shape everywhere; it is the only thing that travels. A round on client 
 
 ``pfedlora.objective=combined`` is the other reading of the method: both phases minimise
 ``CE((1 - mu) head(z) + mu adapter(z))``, the loss of the prediction itself, as a LoRA branch is
-trained on the sum of its output and the frozen layer's (SPEC 2.6's separate losses are the default;
+trained on the sum of its output and the frozen layer's (the separate losses are the default;
 both are measured in ``docs/results/pfedlora_mnist.md``).
 
 The server averages the adapters weighted by training-set size (FedAvg) over a fraction of clients

@@ -11,7 +11,7 @@ the noise floor of client k is ``m sigma_k^2`` (0.1 and 0.4).
 
 ``truth`` chooses the ground truth:
 
-- ``independent`` (the paper's text, SPEC 2.7): ``W*_k = A*_k B*_k`` with independent N(0, 1)
+- ``independent`` (the paper's text): ``W*_k = A*_k B*_k`` with independent N(0, 1)
   factors. A shared rank-r common part plus rank-r~ personal parts cannot fit two unrelated
   matrices: ``sum_k ||W_k - W*_k||^2 >= 1/2 sum_{i > 2 r~} sigma_i^2(W*_1 - W*_2)``, because
   ``W_1 - W_2 = D_1 C_1 - D_2 C_2`` has rank <= 2 r~ (see :func:`shared_fit_lower_bound`);
