@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import random_batch, tiny_bert, tiny_two_level
 
-from pf2lora.adapters.rank import delta_weights, effective_rank, effective_ranks
+from pf2lora.adapters.rank import delta_weights, effective_rank, effective_ranks, personal_to_common
 from pf2lora.adapters.two_level import TwoLevelModel, find_target_modules
 from pf2lora.config import ConfigError
 
@@ -102,3 +102,22 @@ def test_delta_weights_sum_both_levels() -> None:
     ranks = effective_ranks(model.layout, params)
     assert set(ranks) == {"layer.0.query", "layer.0.value", "layer.1.query", "layer.1.value"}
     assert all(1 <= r <= 6 for r in ranks.values())  # rank(BA + DC) <= r + r~ = 6
+
+
+def test_personal_to_common_ratio_by_hand() -> None:
+    """Every module: s B A = 2 * [[1, 0], [0, 0]] scaled by s = 2 (norm 2 per module), and
+    s~ D C = 0.5 * [[0, 0], [0, 1]] scaled by s~ = 0.5 (norm 0.25 per module): the ratio of the
+    summed squared norms is sqrt(2 * 0.0625 / (2 * 4)) = 0.125."""
+    model = tiny_two_level()
+    lo = model.layout
+    layout = type(lo)(lo.modules[:2], 1, 1, 2.0, 0.5, lo.head_names, lo.head)
+    params = {}
+    for m in layout.modules:
+        params[f"{m}.lora_A.common.weight"] = torch.tensor([[1.0, 0.0]])
+        params[f"{m}.lora_B.common.weight"] = torch.tensor([[1.0], [0.0]])
+        params[f"{m}.lora_A.personal.weight"] = torch.tensor([[0.0, 1.0]])
+        params[f"{m}.lora_B.personal.weight"] = torch.tensor([[0.0], [0.5]])
+    assert personal_to_common(layout, params) == pytest.approx(0.125)
+    for m in layout.modules:  # a personal adapter that has not moved (D = 0)
+        params[f"{m}.lora_B.personal.weight"] = torch.zeros(2, 1)
+    assert personal_to_common(layout, params) == 0.0

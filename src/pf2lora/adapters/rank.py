@@ -36,6 +36,19 @@ def delta_weights(layout: AdapterLayout, params: Params) -> dict[str, Tensor]:
     return deltas
 
 
+def personal_to_common(layout: AdapterLayout, params: Params) -> float:
+    """``sqrt(sum ||s~ D C||_F^2 / sum ||s B A||_F^2)`` over the adapted modules: how large the
+    personal update is beside the common one (0 when the personal adapter has not moved; NaN when
+    the common one has not either)."""
+    personal = common = 0.0
+    for module in layout.modules:
+        a, b = params[f"{module}.lora_A.{COMMON}.weight"], params[f"{module}.lora_B.{COMMON}.weight"]
+        c, d = params[f"{module}.lora_A.{PERSONAL}.weight"], params[f"{module}.lora_B.{PERSONAL}.weight"]
+        common += float((layout.scaling * (b.double() @ a.double())).norm() ** 2)
+        personal += float((layout.personal_scaling * (d.double() @ c.double())).norm() ** 2)
+    return (personal / common) ** 0.5 if common else float("nan")
+
+
 def effective_ranks(layout: AdapterLayout, params: Params, energy: float = 0.9) -> dict[str, int]:
     """Effective rank per adapted module, keyed by a short module name."""
     return {short_module_name(m): effective_rank(dw, energy) for m, dw in delta_weights(layout, params).items()}

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from pf2lora.adapters.dropout import DropoutMasks
-from pf2lora.algorithms.base import Batch, ClientData, ClientState, Params
+from pf2lora.adapters.rank import personal_to_common
+from pf2lora.algorithms.base import Batch, ClientData, ClientState, Instruction, Params
 from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import LoRAClient
 from pf2lora.utils import clone_params, fork_rng, generator, l2_norm, rng_state, set_rng_state
@@ -54,6 +55,16 @@ class PF2LoRAClient(LoRAClient):
         state = super().init_state(client_id)
         state["personal"] = self.model.initial_personal(generator(self.seed, "personal", client_id))
         return state
+
+    def end_round(
+        self, instruction: Instruction, x: dict[str, Tensor], state: ClientState
+    ) -> tuple[Params, dict[str, float]]:
+        """x goes back; the size of the personal update beside this client's common one is recorded
+        (``personal_to_common``: ~0 when the lower level does not move y, ~1 when y does as much as x)."""
+        params, metrics = super().end_round(instruction, x, state)
+        with torch.no_grad():
+            metrics["personal_to_common"] = personal_to_common(self.model.layout, {**x, **state["personal"]})
+        return params, metrics
 
     def local_step(self, client_id: int, x: dict[str, Tensor], state: ClientState, data: ClientData) -> float:
         b, mode = self.cfg.batch_size, self.cfg.hypergradient

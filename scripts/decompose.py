@@ -1,0 +1,82 @@
+"""What a finished PF2LoRA run's two levels each contribute, client by client.
+
+    python scripts/decompose.py RUN_DIR [RUN_DIR ...] [--json OUT]
+
+For every PF2LoRA run directory (as ``pf2lora run`` or ``pf2lora compare`` leaves it) it rebuilds
+the run's data partition and model from ``config.yaml``, loads the final common adapter
+(``checkpoints/pf2lora/common.safetensors``) and each client's personal adapter, and evaluates
+each client's test split twice: with its personal adapter (the model PF2LoRA reports) and with the
+personal product ``D_k C_k`` set to zero (the common adapter alone, as a global model would be
+evaluated). It also reports ``||s~ D_k C_k||_F / ||s B A||_F`` summed over the adapted modules:
+how large the personal update is beside the common one. With ``lora.head=personal`` the head is
+part of the personal level and "common alone" keeps each client's own head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pf2lora.adapters.rank import personal_to_common
+from pf2lora.adapters.two_level import PERSONAL
+from pf2lora.algorithms import build_algorithm
+from pf2lora.algorithms.base import Instruction
+from pf2lora.config import load_config
+from pf2lora.experiment import prepare
+from pf2lora.metrics import classification_metrics
+
+
+def decompose(run: Path) -> dict:
+    cfg = load_config(run / "config.yaml")
+    cfg.algorithms = ["pf2lora"]
+    prepared = prepare(cfg)
+    _, client, model = build_algorithm("pf2lora", cfg, prepared.base_model())
+    folder = run / "checkpoints" / "pf2lora"
+    common = load_file(str(folder / "common.safetensors"))
+    out: dict = {"run": str(run), "clients": {}}
+    for cid, test in enumerate(prepared.data.test):
+        personal = load_file(str(folder / f"personal_client{cid}.safetensors"))
+        without = {k: (torch.zeros_like(v) if f".lora_B.{PERSONAL}." in k else v) for k, v in personal.items()}
+        both = classification_metrics(client.predict(cid, Instruction(common), {"personal": personal}, test))
+        alone = classification_metrics(client.predict(cid, Instruction(common), {"personal": without}, test))
+        out["clients"][str(cid)] = {
+            "with_personal": {k: both[k] for k in ("accuracy", "mcc")},
+            "common_alone": {k: alone[k] for k in ("accuracy", "mcc")},
+            "personal_to_common_norm": personal_to_common(model.layout, {**common, **personal}),
+        }
+    clients = out["clients"].values()
+    for key in ("with_personal", "common_alone"):
+        out[key] = {m: sum(c[key][m] for c in clients) / len(clients) for m in ("accuracy", "mcc")}
+    out["personal_to_common_norm"] = sum(c["personal_to_common_norm"] for c in clients) / len(clients)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--json", type=Path, help="write every run's decomposition here")
+    args = parser.parse_args(argv)
+    results = []
+    for run in args.runs:
+        if not (run / "checkpoints" / "pf2lora" / "common.safetensors").is_file():
+            print(f"decompose: {run} holds no finished PF2LoRA run", file=sys.stderr)
+            return 2
+        r = decompose(run)
+        results.append(r)
+        print(
+            f"{run}: with personal {100 * r['with_personal']['accuracy']:.1f} / MCC {r['with_personal']['mcc']:.3f}; "
+            f"common alone {100 * r['common_alone']['accuracy']:.1f} / MCC {r['common_alone']['mcc']:.3f}; "
+            f"||personal|| / ||common|| {r['personal_to_common_norm']:.3f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
