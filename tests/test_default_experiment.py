@@ -1,4 +1,9 @@
-"""The default experiment (`make run`) end to end: PF2LoRA leads HOMLoRA by >= 5 points (~4 min)."""
+"""The default experiment (`make run`) end to end (~4 min): both methods learn the task itself.
+
+Every method's mean client MCC must reach 0.5: a method that only learns each client's label
+distribution (predicting its majority topic) scores MCC 0 on every client, whatever its accuracy.
+The time limit (6 minutes on 2 cores) is measured by hand, not here.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,18 @@ from pathlib import Path
 import pytest
 
 from pf2lora.cli import main
+from pf2lora.config import load_config
 
 
 @pytest.mark.integration
-def test_default_experiment_pf2lora_leads_homlora(tmp_path: Path, capsys) -> None:
+def test_default_experiment_learns_the_task(tmp_path: Path, capsys) -> None:
     out = tmp_path / "default"
     assert main(["run", "configs/default.yaml", "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
-    pf2, hom = results["pf2lora"], results["homlora"]
-    assert len(pf2["clients"]) == len(hom["clients"]) == 8
-    assert pf2["mean"]["accuracy"] >= hom["mean"]["accuracy"] + 0.05
+    cfg = load_config("configs/default.yaml")
+    assert sorted(results) == sorted(cfg.algorithms)
     printed = capsys.readouterr().out
-    assert f"{pf2['mean']['accuracy']:.4f}" in printed and f"{hom['mean']['accuracy']:.4f}" in printed
+    for name, result in results.items():
+        assert len(result["clients"]) == cfg.data.num_clients
+        assert result["mean"]["mcc"] >= 0.5, (name, result["mean"])
+        assert f"{result['mean']['accuracy']:.4f}" in printed

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="runs at once, each in its own process (default 1; on 2 cores, 2 with train.threads=1 is ~1.4x faster)",
+        help="runs at once, each in its own process (default 1); give train.threads=N_CORES/JOBS for a stable split",
     )
     cmp.add_argument("--quiet", action="store_true", help="no progress bar")
     syn = sub.add_parser("synthetic", help="the paper's synthetic rank-recovery experiment (Figure 2)")
