@@ -26,26 +26,26 @@ def delta_weights(layout: AdapterLayout, params: Params) -> dict[str, Tensor]:
     """``dW`` of every adapted module, from the common (and, if present, personal) adapters."""
     deltas = {}
     for module in layout.modules:
-        a, b = params[f"{module}.lora_A.{COMMON}.weight"], params[f"{module}.lora_B.{COMMON}.weight"]
-        delta = layout.scaling * (b.double() @ a.double())
+        delta = level_delta(layout, params, module, COMMON)
         if layout.personal_rank:
-            c = params[f"{module}.lora_A.{PERSONAL}.weight"]
-            d = params[f"{module}.lora_B.{PERSONAL}.weight"]
-            delta = delta + layout.personal_scaling * (d.double() @ c.double())
+            delta = delta + level_delta(layout, params, module, PERSONAL)
         deltas[module] = delta
     return deltas
+
+
+def level_delta(layout: AdapterLayout, params: Params, module: str, level: str) -> Tensor:
+    """One level's update of ``module`` in float64: ``s B A`` (common) or ``s~ D C`` (personal)."""
+    a, b = params[f"{module}.lora_A.{level}.weight"], params[f"{module}.lora_B.{level}.weight"]
+    scaling = layout.scaling if level == COMMON else layout.personal_scaling
+    return scaling * (b.double() @ a.double())
 
 
 def personal_to_common(layout: AdapterLayout, params: Params) -> float:
     """``sqrt(sum ||s~ D C||_F^2 / sum ||s B A||_F^2)`` over the adapted modules: how large the
     personal update is beside the common one (0 when the personal adapter has not moved; NaN when
     the common one has not either)."""
-    personal = common = 0.0
-    for module in layout.modules:
-        a, b = params[f"{module}.lora_A.{COMMON}.weight"], params[f"{module}.lora_B.{COMMON}.weight"]
-        c, d = params[f"{module}.lora_A.{PERSONAL}.weight"], params[f"{module}.lora_B.{PERSONAL}.weight"]
-        common += float((layout.scaling * (b.double() @ a.double())).norm() ** 2)
-        personal += float((layout.personal_scaling * (d.double() @ c.double())).norm() ** 2)
+    common = sum(float(level_delta(layout, params, m, COMMON).norm() ** 2) for m in layout.modules)
+    personal = sum(float(level_delta(layout, params, m, PERSONAL).norm() ** 2) for m in layout.modules)
     return (personal / common) ** 0.5 if common else float("nan")
 
 
