@@ -40,7 +40,7 @@ def measure(method: str, mode: str, steps: int = 4) -> dict[str, float]:
     prepared = setup([])
     train = dataclasses.replace(prepared.cfg.train, hypergradient=mode, local_steps=steps)
     cfg = dataclasses.replace(prepared.cfg, train=train)
-    server, client, _ = build_algorithm(method, cfg, prepared.base_model())
+    server, client, _ = build_algorithm(method, cfg, prepared.base_model(), prepared.task)
     data = prepared.data.train[0]
     state = client.init_state(0)
     _, state = client.train(0, server.configure_train(1, [0])[0], state, data)  # warm-up, state exists

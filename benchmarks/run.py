@@ -32,7 +32,7 @@ def payload_sizes() -> dict[str, float]:
     prepared = setup([])
     sizes = {}
     for method in ("pf2lora", "homlora", "hetlora"):
-        server, _, _ = build_algorithm(method, prepared.cfg, prepared.base_model())
+        server, _, _ = build_algorithm(method, prepared.cfg, prepared.base_model(), prepared.task)
         ids = list(range(prepared.cfg.data.num_clients))
         payloads = [payload_bytes(i.params) for i in server.configure_train(1, ids).values()]
         sizes[method] = sum(payloads) / len(payloads)

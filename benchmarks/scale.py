@@ -68,7 +68,7 @@ def measure(clients: int, where: str = "memory", fraction: float = 1.0) -> dict[
         ],
     )
     prepared = prepare(cfg)
-    server, client, _ = build_algorithm("pf2lora", cfg, prepared.base_model())
+    server, client, _ = build_algorithm("pf2lora", cfg, prepared.base_model(), prepared.task)
     folder = tempfile.mkdtemp() if where == "disk" else None
     engine = LocalEngine(
         server, client, prepared.data.train, prepared.data.test, state_dir=Path(folder) if folder else None

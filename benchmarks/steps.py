@@ -47,7 +47,7 @@ def setup(overrides: list[str]) -> Prepared:
 def _client_runner(prepared: Prepared, name: str, mode: str, steps: int) -> Callable[[], float]:
     train = dataclasses.replace(prepared.cfg.train, hypergradient=mode, local_steps=steps)
     cfg = dataclasses.replace(prepared.cfg, train=train)  # each runner its own config
-    server, client, _ = build_algorithm(name, cfg, prepared.base_model())
+    server, client, _ = build_algorithm(name, cfg, prepared.base_model(), prepared.task)
     data = prepared.data.train[0]
     state = client.init_state(0)
     counter = iter(range(1, 10**9))
@@ -121,7 +121,7 @@ def hypergradient_agreement() -> float:
     at a point reached by a few PF2LoRA steps (so the personal adapter is non-zero)."""
     prepared = setup(["train.lower_lr=1.0"])
     cfg = dataclasses.replace(prepared.cfg, train=dataclasses.replace(prepared.cfg.train, local_steps=5))
-    server, client, model = build_algorithm("pf2lora", cfg, prepared.base_model())
+    server, client, model = build_algorithm("pf2lora", cfg, prepared.base_model(), prepared.task)
     data = prepared.data.train[0]
     result, state = client.train(0, server.configure_train(1, [0])[0], client.init_state(0), data)
     x, y = result.params, state["personal"]

@@ -28,22 +28,21 @@ from pf2lora.algorithms import build_algorithm
 from pf2lora.algorithms.base import Instruction
 from pf2lora.config import load_config
 from pf2lora.experiment import prepare
-from pf2lora.metrics import classification_metrics
 
 
 def decompose(run: Path) -> dict:
     cfg = load_config(run / "config.yaml")
     cfg.algorithms = ["pf2lora"]
     prepared = prepare(cfg)
-    _, client, model = build_algorithm("pf2lora", cfg, prepared.base_model())
+    _, client, model = build_algorithm("pf2lora", cfg, prepared.base_model(), prepared.task)
     folder = run / "checkpoints" / "pf2lora"
     common = load_file(str(folder / "common.safetensors"))
     out: dict = {"run": str(run), "clients": {}}
     for cid, test in enumerate(prepared.data.test):
         personal = load_file(str(folder / f"personal_client{cid}.safetensors"))
         without = {k: (torch.zeros_like(v) if f".lora_B.{PERSONAL}." in k else v) for k, v in personal.items()}
-        both = classification_metrics(client.predict(cid, Instruction(common), {"personal": personal}, test))
-        alone = classification_metrics(client.predict(cid, Instruction(common), {"personal": without}, test))
+        both = client.evaluate(cid, Instruction(common), {"personal": personal}, test)
+        alone = client.evaluate(cid, Instruction(common), {"personal": without}, test)
         out["clients"][str(cid)] = {
             "with_personal": {k: both[k] for k in ("accuracy", "mcc")},
             "common_alone": {k: alone[k] for k in ("accuracy", "mcc")},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +13,7 @@ import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from pf2lora.adapters.two_level import TwoLevelModel  # noqa: E402
+from pf2lora.tasks.classification import Classification  # noqa: E402
 
 
 def tiny_bert(num_labels: int = 3, dropout: float = 0.0, seed: int = 0) -> BertForSequenceClassification:
@@ -33,7 +35,13 @@ def tiny_bert(num_labels: int = 3, dropout: float = 0.0, seed: int = 0) -> BertF
 def tiny_two_level(personal_rank: int = 2, dtype: torch.dtype = torch.float64, **kw) -> TwoLevelModel:
     base = tiny_bert(**kw).to(dtype)
     return TwoLevelModel(
-        base, ["query", "value"], rank=4, lora_alpha=8, personal_rank=personal_rank, personal_lora_alpha=4
+        base,
+        Classification(),
+        ["query", "value"],
+        rank=4,
+        lora_alpha=8,
+        personal_rank=personal_rank,
+        personal_lora_alpha=4,
     )
 
 
@@ -60,3 +68,26 @@ def token_clients(m: int = 3, n: int = 24) -> list:
 @pytest.fixture
 def tiny_model() -> TwoLevelModel:
     return tiny_two_level()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT of width 32 with the bundled tokenizer, saved like any pretrained model."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pf2lora.models import resolve
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve("bundled"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)  # no head: each run adds its own
+    tokenizer.save_pretrained(folder)
+    return folder

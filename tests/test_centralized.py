@@ -11,6 +11,7 @@ from pf2lora.algorithms.centralized import centralized_train_config
 from pf2lora.config import ExperimentConfig, TrainConfig
 from pf2lora.data.text import TokenizedData
 from pf2lora.engines.local import LocalEngine
+from pf2lora.tasks.classification import Classification
 
 
 def _client(n: int, label: int, offset: int) -> TokenizedData:
@@ -39,7 +40,7 @@ def test_centralized_trains_on_pooled_data_and_evaluates_every_client() -> None:
     cfg.lora.rank, cfg.lora.lora_alpha = 4, 8
     cfg.train.rounds, cfg.train.local_steps, cfg.train.batch_size = 2, 2, 4
     assert "centralized" in POOLED
-    server, client, _ = build_algorithm("centralized", cfg, tiny_bert())
+    server, client, _ = build_algorithm("centralized", cfg, tiny_bert(), Classification())
     clients = [_client(6, c, 10 * c) for c in range(3)]
     seen: list[int] = []
     batch = client.next_batch

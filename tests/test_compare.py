@@ -254,3 +254,22 @@ def test_compare_jobs_runs_the_grid_in_worker_processes_with_the_same_results(tm
     assert main(["compare", *tiny, "--jobs", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_resume_keeps_a_run_whose_config_was_written_before_a_field_existed(tmp_path: Path) -> None:
+    # Prepare: a finished run whose config.yaml lacks the `task` section (written before tasks existed)
+    import yaml
+
+    grid = compare.plan(None, ["algorithms=homlora", *TINY])
+    row, column, seed, cfg = grid.runs[0]
+    folder = compare.run_dir(tmp_path, row, column, seed)
+    folder.mkdir(parents=True)
+    old = cfg.to_dict()
+    del old["task"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(old))
+    (folder / "results.json").write_text("{}")
+    # Execute / Assert: it counts as finished; a changed value does not
+    assert compare._finished(folder, cfg)
+    old["train"]["lr"] = 1.0
+    (folder / "config.yaml").write_text(yaml.safe_dump(old))
+    assert not compare._finished(folder, cfg)

@@ -20,7 +20,7 @@ def test_exported_adapter_reproduces_client_outputs(tmp_path: Path) -> None:
     batch = random_batch()
     model.train(False)
     with torch.no_grad():
-        expected = model.logits(params, batch)
+        expected = model.outputs(params, batch).logits
     # Execute
     PeftExporter(tiny_bert().double(), model.layout, ["query", "value"]).save(params, tmp_path / "client0")
     loaded = PeftModel.from_pretrained(tiny_bert(seed=0).double(), tmp_path / "client0")

@@ -151,29 +151,6 @@ def test_loopback_script_refuses_bad_input_before_starting_anything(tmp_path: Pa
 # ----------------------------------------------------------------------------- integration
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer BERT of width 32 with the bundled tokenizer, saved like any pretrained model."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from pf2lora.models import resolve
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve("bundled"))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)  # no head: each run adds its own
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _tiny(model: Path) -> list[str]:
     return [
         f"model.name={model}",

@@ -10,6 +10,7 @@ from pf2lora.algorithms.base import Instruction
 from pf2lora.algorithms.pf2lora import PF2LoRAClient, PF2LoRAServer
 from pf2lora.config import TrainConfig
 from pf2lora.data.text import TokenizedData
+from pf2lora.tasks.classification import Classification
 
 ALPHA = 20.0  # a large lower-level step makes the mixed term large, so the checks can fail
 
@@ -124,7 +125,7 @@ def test_personal_head_stays_on_the_client() -> None:
 
     from pf2lora.adapters.two_level import TwoLevelModel
 
-    model = TwoLevelModel(tiny_bert().double(), ["query"], 4, 8, personal_rank=2, head="personal")
+    model = TwoLevelModel(tiny_bert().double(), Classification(), ["query"], 4, 8, personal_rank=2, head="personal")
     client = PF2LoRAClient(model, TrainConfig(local_steps=2, batch_size=4))
     result, state = client.train(
         0, Instruction(model.initial_common(), {"server_round": 1}), client.init_state(0), _client_data()

@@ -9,6 +9,7 @@ from conftest import random_batch, tiny_bert, tiny_two_level
 from pf2lora.adapters.rank import delta_weights, effective_rank, effective_ranks, personal_to_common
 from pf2lora.adapters.two_level import TwoLevelModel, find_target_modules
 from pf2lora.config import ConfigError
+from pf2lora.tasks.classification import Classification
 
 
 def _random_params(model: TwoLevelModel, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -43,11 +44,13 @@ def test_initial_adapters_reproduce_the_pretrained_model() -> None:
     base.eval()
     with torch.no_grad():
         reference = base.double()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    model = TwoLevelModel(base, ["query", "value"], rank=4, lora_alpha=8, personal_rank=2, personal_lora_alpha=4)
+    model = TwoLevelModel(
+        base, Classification(), ["query", "value"], rank=4, lora_alpha=8, personal_rank=2, personal_lora_alpha=4
+    )
     model.train(False)
     params = {**model.initial_common(), **model.initial_personal(torch.Generator().manual_seed(0))}
     with torch.no_grad():
-        torch.testing.assert_close(model.logits(params, batch), reference)
+        torch.testing.assert_close(model.outputs(params, batch).logits, reference)
 
 
 def test_layout_puts_head_in_x_or_y() -> None:
@@ -55,10 +58,10 @@ def test_layout_puts_head_in_x_or_y() -> None:
     assert all("personal" not in n for n in shared.layout.x_names)
     assert any("classifier" in n for n in shared.layout.x_names)
     assert all("classifier" not in n for n in shared.layout.y_names)
-    personal = TwoLevelModel(tiny_bert(), ["query"], 4, 8, personal_rank=2, head="personal")
+    personal = TwoLevelModel(tiny_bert(), Classification(), ["query"], 4, 8, personal_rank=2, head="personal")
     assert any("classifier" in n for n in personal.layout.y_names)
     assert all("classifier" not in n for n in personal.layout.x_names)
-    single = TwoLevelModel(tiny_bert(), ["query"], 4, 8)
+    single = TwoLevelModel(tiny_bert(), Classification(), ["query"], 4, 8)
     assert single.layout.y_names == []
 
 

@@ -41,7 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", type=Path, help="output directory (default: runs/compare-<name>-<time>)")
     cmp.add_argument("--force", action="store_true", help="allow writing into a non-empty --out")
     cmp.add_argument("--resume", action="store_true", help="keep the finished runs in --out, run the rest")
-    cmp.add_argument("--metric", default="accuracy", help="accuracy (default) | mcc | macro_f1")
+    cmp.add_argument(
+        "--metric",
+        default=None,
+        help="default: the task's primary metric (classification: accuracy; also mcc, macro_f1)",
+    )
     cmp.add_argument(
         "--sweep", action="append", default=[], metavar="KEY=V1,V2", help="one row per value (Appendix L sweeps)"
     )

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pf2lora.config import HETEROGENEOUS_ALGORITHMS, ConfigError, ExperimentConfig, load_config
+from pf2lora.config import HETEROGENEOUS_ALGORITHMS, ConfigError, ExperimentConfig, from_dict, load_config
+from pf2lora.tasks import task_class
 
-METRICS = ("accuracy", "mcc", "macro_f1")
 ABLATIONS = {"bilevel": ("pf2lora", ["train.hypergradient=joint"])}
 
 
@@ -89,11 +89,12 @@ def plan(
     sweeps: list[str] | None = None,
     variants: list[str] | None = None,
     ablations: list[str] | None = None,
-    metric: str = "accuracy",
+    metric: str | None = None,
     baseline: str | None = None,
 ) -> Plan:
     """Resolve the grid and validate every run's config before anything runs (ConfigError on bad input).
 
+    ``metric``: what the table shows (default: the task's primary metric).
     ``items``: ``key=value`` overrides, where ``algorithms=``, ``heterogeneity=``, ``seeds=`` and
     ``datasets=`` take comma-separated lists (the axes of the grid). ``sweeps``: ``KEY=V1,V2,...``,
     one row per algorithm and value (several sweeps: every combination). ``variants``: ``"ALGORITHM
@@ -103,8 +104,6 @@ def plan(
     The rows are either LoRA methods or the model-heterogeneous ones (pFedLoRA, local-only, FedAvg
     of whole models), whose data and models differ from the LoRA methods'.
     """
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
     axes: dict[str, list[Any]] = {}
     overrides: list[str] = []
     for item in items:
@@ -120,6 +119,10 @@ def plan(
         else:
             overrides.append(item)
     cfg = load_config(config, overrides)
+    task = task_class(cfg.task.name)
+    metric = metric or task.primary
+    if metric not in task.metrics:
+        raise ConfigError(f"unknown metric {metric!r} for task {task.name} (choose from {', '.join(task.metrics)})")
     algorithms = [str(a) for a in axes.get("algorithms", cfg.algorithms)]
     levels = axes.get("heterogeneity", [cfg.data.heterogeneity])
     seeds = axes.get("seeds", [cfg.seed])
@@ -323,9 +326,11 @@ def _run_in_worker(cfg_dict: dict[str, Any], folder: str, threads: int) -> float
 
 def _finished(folder: Path, cfg: ExperimentConfig) -> bool:
     try:
-        done = yaml.safe_load((folder / "config.yaml").read_text()) == cfg.to_dict()
+        # read back through the dataclasses: a run written before a field existed has its default
+        written = from_dict(ExperimentConfig, yaml.safe_load((folder / "config.yaml").read_text()))
+        done = written.to_dict() == cfg.to_dict()
         return done and (folder / "results.json").is_file()
-    except (OSError, yaml.YAMLError):
+    except (OSError, yaml.YAMLError, ConfigError):
         return False
 
 

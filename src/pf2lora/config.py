@@ -27,6 +27,7 @@ HYPERGRADIENTS = ("exact", "finite_difference", "first_order", "joint")
 PER_METHOD_SECTIONS = ("lora", "train", "hetlora", "perfedavg", "pfedlora")
 ENGINES = ("local", "flower")
 PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid", "classes")
+TASKS = ("classification", "qa")  # one module each under pf2lora/tasks/
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,22 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = None) ->
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})
     return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TaskConfig:
+    name: str = _help(
+        "classification | qa (extractive QA); the model, loss and metrics come from pf2lora/tasks/<name>.py",
+        "classification",
+    )
+    version: int = _help("qa: SQuAD version, 1 (every question answerable) or 2 (no-answer allowed)", 1)
+    stride: int | None = _help(
+        "qa: tokens shared by consecutive windows over a long context (< model.max_length; None: a quarter of it)",
+        None,
+    )
+    n_best: int = _help("qa: best starts and best ends per window considered when decoding a span", 20)
+    max_answer_length: int = _help("qa: longest answer span in tokens", 30)
+    null_threshold: float = _help("qa v2: answer empty when no-answer score - best span score > this", 0.0)
 
 
 @dataclass
@@ -165,6 +182,7 @@ class ExperimentConfig:
     seed: int = _help("seed for data, initialisation and sampling", 0)
     algorithms: list[str] = _help("methods to run, in order", factory=lambda: ["pf2lora", "homlora"])
     engine: str = _help("local (in-process) | flower (Flower's simulation runtime; see the README)", "local")
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -207,6 +225,16 @@ class ExperimentConfig:
                 re.fullmatch(r"\d+@\d+", str(item)) is not None,
                 f"flower.fail: {item!r} is not CLIENT@ROUND (e.g. 1@2)",
             )
+        tk = self.task
+        _check(tk.name in TASKS, f"unknown task.name {tk.name!r} (choose from {', '.join(TASKS)})")
+        _check(tk.version in (1, 2), f"task.version must be 1 or 2, got {tk.version}")
+        _check(tk.stride is None or tk.stride >= 0, f"task.stride must be >= 0, got {tk.stride}")
+        _check(
+            tk.name != "qa" or tk.stride is None or tk.stride < self.model.max_length,
+            f"task.stride ({tk.stride}) must be smaller than model.max_length ({self.model.max_length})",
+        )
+        for key in ("n_best", "max_answer_length"):
+            _check(getattr(tk, key) >= 1, f"task.{key} must be >= 1, got {getattr(tk, key)}")
         m, d, lo, t = self.model, self.data, self.lora, self.train
         _check(m.max_length >= 8, f"model.max_length must be >= 8, got {m.max_length}")
         _check(
@@ -263,6 +291,10 @@ class ExperimentConfig:
             not hetero or len(hetero) == len(self.algorithms),
             f"algorithms: {', '.join(hetero)} train each client's own model and run apart from the LoRA methods "
             f"({', '.join(a for a in self.algorithms if a not in hetero)}); run them separately",
+        )
+        _check(
+            not hetero or self.task.name == "classification",
+            f"algorithms: {', '.join(hetero)} classify only (task.name={self.task.name})",
         )
         pf = self.pfedlora
         _check(bool(pf.models), "pfedlora.models: give at least one architecture")

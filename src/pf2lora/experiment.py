@@ -21,15 +21,16 @@ import yaml
 from safetensors.torch import save_file
 
 from pf2lora.adapters.export import PeftExporter
-from pf2lora.adapters.two_level import AdapterLayout, find_head, find_target_modules
+from pf2lora.adapters.two_level import AdapterLayout, find_target_modules
 from pf2lora.algorithms import POOLED, build_algorithm
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ServerAlgorithm
 from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.config import HETEROGENEOUS_ALGORITHMS, ConfigError, ExperimentConfig
-from pf2lora.data.text import FederatedData, TokenizedData, build_federated_data
+from pf2lora.data.text import FederatedData
 from pf2lora.engines.local import LocalEngine
 from pf2lora.metrics import summarize
-from pf2lora.models import load_classifier, load_tokenizer
+from pf2lora.models import load_tokenizer
+from pf2lora.tasks import Task, task_class
 from pf2lora.utils import numel, stable_seed
 
 log = logging.getLogger(__name__)
@@ -39,19 +40,19 @@ log = logging.getLogger(__name__)
 class Prepared:
     cfg: ExperimentConfig
     data: FederatedData
+    task: Task  # bound to the data (e.g. its number of labels)
     # the base prepare() validated, with the RNG state right after loading it: handed out once
     # instead of loading the model again (the adapters' init draws from that RNG state next)
     checked: tuple[torch.nn.Module, torch.Tensor] | None = None
 
     def base_model(self) -> torch.nn.Module:
-        """The pretrained model with a head seeded identically for every method, on its device."""
+        """The pretrained model with the task's head, seeded identically for every method, on its device."""
         if self.checked is not None:
             (model, rng), self.checked = self.checked, None
             torch.set_rng_state(rng)
             return model
         torch.manual_seed(stable_seed(self.cfg.seed, "head"))
-        model = load_classifier(self.cfg.model.name, self.data.num_labels, self.cfg.model.dropout)
-        return model.to(self.device)
+        return self.task.load_model(self.cfg.model.name, self.cfg.model.dropout).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -106,11 +107,11 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     """Load and partition the data and check the model, raising ConfigError on any bad input."""
     check_runtime(cfg)
     tokenizer = load_tokenizer(cfg.model.name)
-    data = build_federated_data(cfg.data, tokenizer, cfg.model.max_length, cfg.seed)
-    prepared = Prepared(cfg, data)
+    task, data = task_class(cfg.task.name).build(cfg, tokenizer)
+    prepared = Prepared(cfg, data, task)
     base = prepared.base_model()
     find_target_modules(base, cfg.lora.target_modules)
-    find_head(base)
+    task.check_model(base, tokenizer)
     prepared.checked = (base, torch.get_rng_state())
     return prepared
 
@@ -186,15 +187,17 @@ def run_experiment(
         for name in cfg.algorithms:
             started = time.perf_counter()
             mcfg = cfg.for_method(name)  # per_method settings merged in
-            server, client, model = build_algorithm(name, mcfg, prepared.base_model())
+            server, client, model = build_algorithm(name, mcfg, prepared.base_model(), prepared.task)
             pooled = name in POOLED
-            train = [TokenizedData.pool(data.train)] if pooled else data.train
+            train = [data.pooled_train()] if pooled else data.train
             engine = make_engine(out, name, mcfg, server, client, train, data.test, progress)
             traffic = Traffic()
             per_client, ranks = engine.run(mcfg.train.rounds, mcfg.train.eval_every, log.recorder(name, traffic.add))
             mean, std = summarize(per_client)
             personal = engine.personal_parameters().get(0, 0)
             results[name] = {
+                "task": prepared.task.name,
+                "metric_names": list(prepared.task.metrics),  # the first is the primary one
                 "clients": {str(c): m for c, m in per_client.items()},
                 "mean": mean,
                 "std": std,

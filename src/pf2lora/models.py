@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -55,17 +56,31 @@ def quiet_loading() -> Iterator[None]:
 
 def load_classifier(name: str, num_labels: int, dropout: float | None = None) -> nn.Module:
     """A sequence-classification model with a fresh head of ``num_labels`` outputs."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
+
+    return load_pretrained(AutoModelForSequenceClassification, name, dropout, num_labels=num_labels)
+
+
+def load_pretrained(auto_class: Any, name: str, dropout: float | None = None, **config_kwargs: Any) -> nn.Module:
+    """``auto_class.from_pretrained(name)`` with the task's head (new where the checkpoint has none),
+    the config's dropout overridden where asked; any failure becomes a one-line ConfigError."""
+    from transformers import AutoConfig
 
     path = resolve(name)
     try:
-        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
-        if dropout is not None:
-            for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
-                if hasattr(config, key):
-                    setattr(config, key, dropout)
+        config = AutoConfig.from_pretrained(path, **config_kwargs)
+    except Exception as err:
+        raise _explain(name, err) from None
+    if dropout is not None:
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    if type(config) not in auto_class._model_mapping:
+        kind = auto_class.__name__.removeprefix("AutoModelFor")
+        raise ConfigError(f"model {name!r} ({config.model_type}) has no {kind} head in transformers")
+    try:
         with quiet_loading():  # the "newly initialised head" report is expected here
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+            model = auto_class.from_pretrained(path, config=config)
     except Exception as err:
         raise _explain(name, err) from None
     if getattr(model.config, "pad_token_id", None) is None:

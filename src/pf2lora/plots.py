@@ -1,4 +1,4 @@
-"""PNG plots of a run: per-client accuracy per method, and the learning curves per round."""
+"""PNG plots of a run: the task's primary metric per client and method, and the learning curves per round."""
 
 from __future__ import annotations
 
@@ -15,21 +15,23 @@ import numpy as np  # noqa: E402
 
 def plot_run(out: Path, results: dict[str, Any], metrics_path: Path) -> None:
     methods = list(results)
+    # the primary metric first (runs written before tasks named their metrics: classification's)
+    primary = results[methods[0]].get("metric_names", ["accuracy"])[0]
     clients = sorted({int(c) for r in results.values() for c in r["clients"]})
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(clients) + 2), 3.8))
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
-        acc = [results[method]["clients"][str(c)]["accuracy"] for c in clients]
-        label = f"{method} (mean {results[method]['mean']['accuracy']:.3f})"
-        ax.bar(np.arange(len(clients)) + i * width, acc, width, label=label)
+        values = [results[method]["clients"][str(c)][primary] for c in clients]
+        label = f"{method} (mean {results[method]['mean'][primary]:.3f})"
+        ax.bar(np.arange(len(clients)) + i * width, values, width, label=label)
     ax.set_xticks(np.arange(len(clients)) + width * (len(methods) - 1) / 2, [str(c) for c in clients])
     ax.set_xlabel("client")
-    ax.set_ylabel("test accuracy (own split)")
+    ax.set_ylabel(f"test {primary} (own split)")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right")
-    ax.set_title("Per-client accuracy")
+    ax.set_title(f"Per-client {primary}")
     fig.tight_layout()
-    fig.savefig(out / "accuracy_per_client.png", dpi=120)
+    fig.savefig(out / f"{primary}_per_client.png", dpi=120)
     plt.close(fig)
 
     curves: dict[str, tuple[list[int], list[float], list[float]]] = {m: ([], [], []) for m in methods}
@@ -38,14 +40,14 @@ def plot_run(out: Path, results: dict[str, Any], metrics_path: Path) -> None:
         rounds, losses, accs = curves[record["algorithm"]]
         rounds.append(record["round"])
         losses.append(float(np.mean([c["train_loss"] for c in record["clients"].values()])))
-        accs.append(float(np.mean([e["accuracy"] for e in record["eval"].values()])) if "eval" in record else np.nan)
+        accs.append(float(np.mean([e[primary] for e in record["eval"].values()])) if "eval" in record else np.nan)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for method, (rounds, losses, accs) in curves.items():
         left.plot(rounds, losses, marker=".", label=method)
         mask = ~np.isnan(np.array(accs, dtype=float))
         right.plot(np.array(rounds)[mask], np.array(accs)[mask], marker="o", label=method)
     left.set(xlabel="round", ylabel="mean train loss", title="Training loss")
-    right.set(xlabel="round", ylabel="mean client accuracy", title="Test accuracy")
+    right.set(xlabel="round", ylabel=f"mean client {primary}", title=f"Test {primary}")
     left.legend()
     right.legend()
     fig.tight_layout()

@@ -44,27 +44,36 @@ class Progress:
         return lambda: self._bar.advance(task_id)
 
 
+LABELS = {"mcc": "MCC", "macro_f1": "macro-F1", "exact_match": "EM", "f1": "F1"}
+
+
+def metric_names(results: dict[str, Any]) -> list[str]:
+    """The run's metric names, primary first (runs written before tasks named them: classification's)."""
+    first = next((r for r in results.values() if isinstance(r, dict) and "clients" in r), {})
+    return list(first.get("metric_names", ("accuracy", "mcc", "macro_f1")))
+
+
 def print_summary(results: dict[str, Any], out: Path) -> None:
-    """One row per method: accuracy per client (up to 12 clients), mean +- std over clients, MCC,
-    macro-F1, mean effective rank, time."""
+    """One row per method: the task's primary metric per client (up to 12 clients), its mean +- std
+    over clients, the other metrics' means, mean effective rank, time."""
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log file: never squeeze the numbers
+    primary, *others = metric_names(results)
     clients = sorted({int(c) for r in results.values() for c in r["clients"]})
     shown = clients if len(clients) <= 12 else []
-    table = Table(title="Test accuracy per client (each on its own test split)")
+    table = Table(title=f"Test {LABELS.get(primary, primary)} per client (each on its own test split)")
     table.add_column("method", no_wrap=True)
     for c in shown:
         table.add_column(str(c), justify="right", no_wrap=True)
-    for title in ("mean ± std", "MCC", "macro-F1", "rank", "time"):
+    for title in ("mean ± std", *(LABELS.get(m, m) for m in others), "rank", "time"):
         table.add_column(title, justify="right", no_wrap=True, style="bold" if title == "mean ± std" else None)
     for method, r in results.items():
-        row = [method] + [f"{r['clients'][str(c)]['accuracy']:.3f}" for c in shown]
+        row = [method] + [f"{r['clients'][str(c)][primary]:.3f}" for c in shown]
         ranks = [v for per in r["effective_rank"].values() for v in per.values()]
         row += [
-            f"{r['mean']['accuracy']:.4f} ± {r['std']['accuracy']:.4f}",
-            f"{r['mean']['mcc']:.4f}",
-            f"{r['mean']['macro_f1']:.4f}",
+            f"{r['mean'][primary]:.4f} ± {r['std'][primary]:.4f}",
+            *(f"{r['mean'][m]:.4f}" for m in others),
             f"{sum(ranks) / len(ranks):.2f}" if ranks else "",
             f"{r['seconds']:.0f}s",
         ]

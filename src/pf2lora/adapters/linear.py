@@ -67,16 +67,21 @@ class LinearLowRankModel:
             dw = dw + lo.personal_scaling * params[lora_name(PERSONAL, "B")] @ params[lora_name(PERSONAL, "A")]
         return dw
 
-    def logits(self, params: Params, batch: Batch) -> Tensor:
+    def outputs(self, params: Params, batch: Batch) -> Tensor:
         return batch["inputs"] @ self.delta(params).T
 
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor:
-        return self.loss_from_logits(self.logits(params, batch), batch, reduction)
-
-    @staticmethod
-    def loss_from_logits(predictions: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
-        per_example = ((predictions - batch["labels"]) ** 2).sum(dim=1)
+        per_example = ((self.outputs(params, batch) - batch["labels"]) ** 2).sum(dim=1)
         return per_example.sum() if reduction == "sum" else per_example.mean()
+
+    @torch.no_grad()
+    def evaluate(self, params: Params, data: RegressionData, batch_size: int) -> dict[str, float]:
+        """The mean squared-error loss over ``data`` (the experiment's own metric is the rank)."""
+        total = sum(
+            self.loss(params, data.batch(list(range(i, min(i + batch_size, len(data))))), "sum").item()
+            for i in range(0, len(data), batch_size)
+        )
+        return {"loss": total / len(data), "num_examples": len(data)}
 
 
 class RegressionData:

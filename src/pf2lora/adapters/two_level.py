@@ -22,6 +22,8 @@ import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -30,12 +32,12 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pf2lora.config import ConfigError
+from pf2lora.tasks.base import Task, find_head
 
 Params = dict[str, Tensor]
 Batch = Mapping[str, Tensor]
 
 COMMON, PERSONAL = "common", "personal"  # the two levels' names in a client's tensors
-_HEAD_CANDIDATES = ("classifier", "score")
 
 
 @dataclass(frozen=True)
@@ -82,26 +84,19 @@ def find_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
     return [n for t in targets for n in found[t]]
 
 
-def find_head(model: nn.Module) -> list[str]:
-    """Names of the task head's parameters (PEFT's convention: ``classifier`` or ``score``)."""
-    for candidate in _HEAD_CANDIDATES:
-        names = [n for n, _ in model.named_parameters() if n.split(".")[0] == candidate]
-        if names:
-            return names
-    raise ConfigError("the model has no classification head named 'classifier' or 'score'")
-
-
 class TwoLevelModel:
     """A frozen PEFT model evaluated functionally at the (x, y) a client passes in.
 
-    ``loss(params, batch)`` and ``logits(params, batch)`` take a dict holding every name in
+    ``outputs``, ``loss`` and ``evaluate`` take a dict ``params`` holding every name in
     ``layout.x_names + layout.y_names``; nothing is read from or written to the module's own
-    adapter parameters.
+    adapter parameters. The task (:mod:`pf2lora.tasks`) names the head and owns the loss and the
+    evaluation; this class only evaluates the model at ``params``.
     """
 
     def __init__(
         self,
         base: nn.Module,
+        task: Task,
         target_modules: list[str],
         rank: int,
         lora_alpha: float,
@@ -110,7 +105,8 @@ class TwoLevelModel:
         head: str = "shared",
     ) -> None:
         modules = find_target_modules(base, target_modules)  # clear error before PEFT's own
-        head_names = find_head(base)
+        head_names = find_head(base, task.head_candidates)
+        self.task = task
         if personal_rank:  # one fused adapter [A ; C], [s B | s~ D] of rank r + r~, scaling 1
             config = LoraConfig(r=rank + personal_rank, lora_alpha=rank + personal_rank, target_modules=target_modules)
         else:
@@ -181,18 +177,17 @@ class TwoLevelModel:
         """Attention through the math kernel: fused/flash SDPA kernels have no double backward."""
         return sdpa_kernel([SDPBackend.MATH])
 
-    def logits(self, params: Params, batch: Batch) -> Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return functional_call(self.model, self.peft_params(params), args=(), kwargs=inputs, strict=False).logits
+    def outputs(self, params: Params, batch: Batch) -> Any:
+        """The model's output (logits, start/end logits, ...) at ``params`` for ``batch``."""
+        inputs = self.task.model_inputs(batch)
+        return functional_call(self.model, self.peft_params(params), args=(), kwargs=inputs, strict=False)
 
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor:
-        return self.loss_from_logits(self.logits(params, batch), batch, reduction)
+        return self.task.loss(self.outputs(params, batch), batch, reduction)
 
-    @staticmethod
-    def loss_from_logits(logits: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # the loss in full precision
-        return nn.functional.cross_entropy(logits, batch["labels"], reduction=reduction)
+    def evaluate(self, params: Params, data: Any, batch_size: int) -> dict[str, float]:
+        """The task's metrics of the model at ``params`` on ``data`` (computed where the data is)."""
+        return self.task.evaluate(partial(self.outputs, params), data, batch_size, self.device)
 
 
 def kaiming_uniform(shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> Tensor:

@@ -12,6 +12,7 @@ from pf2lora.algorithms.homlora import HomLoRAClient, HomLoRAServer
 from pf2lora.algorithms.perfedavg import PerFedAvgClient, PerFedAvgServer
 from pf2lora.algorithms.pf2lora import PF2LoRAClient, PF2LoRAServer
 from pf2lora.config import ExperimentConfig
+from pf2lora.tasks.base import Task
 
 _METHODS = {
     "pf2lora": (PF2LoRAServer, PF2LoRAClient, True),
@@ -23,20 +24,23 @@ POOLED = frozenset({"centralized"})  # methods that train on all clients' data p
 
 
 def build_algorithm(
-    name: str, cfg: ExperimentConfig, base: nn.Module
+    name: str, cfg: ExperimentConfig, base: nn.Module, task: Task
 ) -> tuple[ServerAlgorithm, ClientAlgorithm, TwoLevelModel]:
-    """Wrap ``base`` with the adapters method ``name`` needs; return its server and client parts."""
+    """Wrap ``base`` with the adapters method ``name`` needs; return its server and client parts.
+    ``task`` is handed to the model as it is (it names the head, the loss and the metrics); the
+    methods never look at it."""
     lo, t = cfg.lora, cfg.train
     if name == "hetlora":
         het = cfg.hetlora
         scaling = lo.lora_alpha / lo.rank  # every client's scaling, whatever its rank
-        model = TwoLevelModel(base, lo.target_modules, rank=het.r_max, lora_alpha=scaling * het.r_max)
+        model = TwoLevelModel(base, task, lo.target_modules, rank=het.r_max, lora_alpha=scaling * het.r_max)
         ranks = initial_ranks(cfg.data.num_clients, het.r_min, het.r_max, het.ranks)
         server = HetLoRAServer(model.initial_common(), model.layout, ranks, t.client_fraction, cfg.seed)
         return server, HetLoRAClient(model, t, het, cfg.seed), model
     server_cls, client_cls, personal = _METHODS[name]
     model = TwoLevelModel(
         base,
+        task,
         lo.target_modules,
         rank=lo.rank,
         lora_alpha=lo.lora_alpha,

@@ -29,7 +29,8 @@ class AdapterModel(Protocol):
     """A frozen model evaluated at the adapter tensors passed in by name (see TwoLevelModel).
 
     The algorithms need nothing else of a model, so the same code trains a transformer with
-    PEFT adapters and the linear model of the synthetic experiment.
+    PEFT adapters on any task (the loss and the metrics are the task's) and the linear model of
+    the synthetic experiment.
     """
 
     layout: AdapterLayout
@@ -41,9 +42,7 @@ class AdapterModel(Protocol):
 
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor: ...
 
-    def logits(self, params: Params, batch: Batch) -> Tensor: ...
-
-    def loss_from_logits(self, logits: Tensor, batch: Batch, reduction: str = "mean") -> Tensor: ...
+    def evaluate(self, params: Params, data: Any, batch_size: int) -> dict[str, float]: ...
 
     def initial_common(self) -> Params: ...
 
@@ -77,15 +76,6 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class Prediction:
-    """A client's predictions on a split (metrics are computed outside the algorithm)."""
-
-    logits: Tensor
-    labels: Tensor
-    loss: float
-
-
 class ServerAlgorithm(ABC):
     """Holds the global parameters; builds each client's instruction; aggregates replies."""
 
@@ -104,7 +94,7 @@ class ServerAlgorithm(ABC):
 
 
 class ClientAlgorithm(ABC):
-    """Local training and prediction for one client at a time, state in and state out."""
+    """Local training and evaluation for one client at a time, state in and state out."""
 
     @abstractmethod
     def init_state(self, client_id: int) -> ClientState: ...
@@ -115,7 +105,10 @@ class ClientAlgorithm(ABC):
     ) -> tuple[TrainResult, ClientState]: ...
 
     @abstractmethod
-    def predict(self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData) -> Prediction: ...
+    def evaluate(
+        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+    ) -> dict[str, float]:
+        """The task's metrics of this client's model on ``data``, computed here: only numbers leave."""
 
     def personalize(
         self, client_id: int, instruction: Instruction, state: ClientState, train_data: ClientData | None

@@ -1,4 +1,4 @@
-"""What every LoRA client shares: leaves for x, its AdamW state, minibatch draws, prediction."""
+"""What every LoRA client shares: leaves for x, its AdamW state, minibatch draws, evaluation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pf2lora.algorithms.base import (
     ClientState,
     Instruction,
     Params,
-    Prediction,
     TrainResult,
 )
 from pf2lora.config import TrainConfig
@@ -93,20 +92,13 @@ class LoRAClient(ClientAlgorithm):
         """Seed torch's global RNG (dropout) from (seed, round, client): same on every engine."""
         torch.manual_seed(stable_seed(self.seed, "dropout", instruction.config.get("server_round", 0), client_id))
 
-    # ------------------------------------------------------------------ prediction
+    # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def predict(self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData) -> Prediction:
-        params = {**instruction.params, **self.personal(state)}
+    def evaluate(
+        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+    ) -> dict[str, float]:
         self.model.train(False)
-        logits, labels, total = [], [], 0.0
-        size = self.cfg.eval_batch_size
-        for start in range(0, len(data), size):
-            batch = data.batch(list(range(start, min(start + size, len(data)))), self.model.device)
-            out = self.model.logits(params, batch)  # one forward for predictions and loss
-            total += self.model.loss_from_logits(out, batch, reduction="sum").item()
-            logits.append(out.float().cpu())
-            labels.append(batch["labels"].cpu())
-        return Prediction(torch.cat(logits), torch.cat(labels), total / max(len(data), 1))
+        return self.model.evaluate({**instruction.params, **self.personal(state)}, data, self.cfg.eval_batch_size)
 
     def effective_ranks(self, instruction: Instruction, state: ClientState) -> dict[str, int]:
         return effective_ranks(self.model.layout, {**instruction.params, **self.personal(state)})

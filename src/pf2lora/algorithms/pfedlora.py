@@ -36,17 +36,18 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from pf2lora.algorithms.base import (
+    Batch,
     ClientAlgorithm,
     ClientData,
     ClientState,
     Instruction,
     Params,
-    Prediction,
     TrainResult,
 )
 from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.config import PFedLoRAConfig, TrainConfig
 from pf2lora.data.sampling import draw
+from pf2lora.tasks.classification import Classification
 from pf2lora.utils import generator, stable_seed
 from pf2lora.zoo import LocalModel, ModelZoo
 
@@ -149,19 +150,18 @@ class HeterogeneousClient(ClientAlgorithm):
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData) -> Prediction:
+    def evaluate(
+        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+    ) -> dict[str, float]:
+        """Classification metrics of the combined prediction (these methods classify only)."""
         weights = instruction.params if self.sends_model else state["personal"]
         model = self.model(client_id, weights)
         model.train(False)
-        logits, labels, total = [], [], 0.0
-        size = self.cfg.eval_batch_size
-        for start in range(0, len(data), size):
-            batch = data.batch(list(range(start, min(start + size, len(data)))), self.device)
-            out = self.combine(*model(batch), instruction.params)
-            total += F.cross_entropy(out, batch["labels"], reduction="sum").item()
-            logits.append(out.float().cpu())
-            labels.append(batch["labels"].cpu())
-        return Prediction(torch.cat(logits), torch.cat(labels), total / max(len(data), 1))
+
+        def forward(batch: Batch) -> Tensor:
+            return self.combine(*model(batch), instruction.params)
+
+        return Classification().evaluate(forward, data, self.cfg.eval_batch_size, self.device)
 
     def combine(self, z: Tensor, head_logits: Tensor, received: Params) -> Tensor:
         return head_logits
@@ -192,9 +192,11 @@ class PFedLoRAClient(HeterogeneousClient):
         state["adapter"] = _cpu(adapter)
         return _cpu(adapter), loss
 
-    def predict(self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData) -> Prediction:
+    def evaluate(
+        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+    ) -> dict[str, float]:
         own = state.get("adapter")
-        return super().predict(client_id, Instruction(own, instruction.config) if own else instruction, state, data)
+        return super().evaluate(client_id, Instruction(own, instruction.config) if own else instruction, state, data)
 
     def combine(self, z: Tensor, head_logits: Tensor, adapter: Params) -> Tensor:
         return mixed_logits(z, head_logits, adapter, self.per.mu)

@@ -1,8 +1,9 @@
-"""Tokenised per-client datasets for sequence classification, and the federated split of a task."""
+"""Tokenised per-client datasets for sequence classification, and the federated split of a dataset."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,15 +64,20 @@ def tokenize(frame, tokenizer, max_length: int) -> TokenizedData:
 
 @dataclass
 class FederatedData:
-    """Each client's own train and test split."""
+    """Each client's own train and test split (any task's client data: each kind has ``batch``,
+    ``__len__`` and a ``pool`` classmethod), and the label names where the task has labels."""
 
-    train: list[TokenizedData]
-    test: list[TokenizedData]
-    label_names: list[str]
+    train: list[Any]
+    test: list[Any]
+    label_names: list[str] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def pooled_train(self) -> Any:
+        """Every client's training examples in one set, in client order (centralized training)."""
+        return type(self.train[0]).pool(self.train)
 
 
 def client_indices(splits: TextSplits, cfg: DataConfig, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -25,7 +25,6 @@ from pf2lora.algorithms.base import (
 )
 from pf2lora.codec import transmit
 from pf2lora.engines.states import DiskStates, PackedStates
-from pf2lora.metrics import classification_metrics
 from pf2lora.utils import numel, release_free_memory
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,7 @@ class Site:
         """Metrics on the client's test split and its effective rank per adapted module."""
         state = self.state(cid)
         view = self.view(cid, instruction, own_train, state)
-        prediction = self.client.predict(cid, view, state, test)
-        return classification_metrics(prediction), self.client.effective_ranks(view, state)
+        return self.client.evaluate(cid, view, state, test), self.client.effective_ranks(view, state)
 
 
 class LocalEngine:

@@ -40,6 +40,7 @@ from pf2lora.experiment import (
     save_common,
 )
 from pf2lora.metrics import summarize
+from pf2lora.tasks.classification import Classification
 from pf2lora.zoo import ModelZoo
 
 CLIENTS = {"pfedlora": PFedLoRAClient, "local": LocalOnlyClient, "fedavg": FedAvgModelClient}
@@ -121,6 +122,8 @@ def run_heterogeneous(
             zoo = prepared.zoos[name]
             own = list(engine.personal_parameters().values())
             results[name] = {
+                "task": Classification.name,  # these methods classify (config validation says so)
+                "metric_names": list(Classification.metrics),
                 "clients": {str(c): m for c, m in per_client.items()},
                 "mean": mean,
                 "std": std,

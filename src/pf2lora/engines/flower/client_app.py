@@ -82,7 +82,7 @@ class Experiment:
             return client, lambda: None
         from pf2lora.algorithms import build_algorithm
 
-        _, client, model = build_algorithm(name, mcfg, self.prepared.base_model())
+        _, client, model = build_algorithm(name, mcfg, self.prepared.base_model(), self.prepared.task)
         return client, lambda: PeftExporter(self.prepared.base_model(), model.layout, mcfg.lora.target_modules)
 
     def data(self, cid: int) -> tuple[ClientData, ClientData]:

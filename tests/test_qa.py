@@ -1,0 +1,343 @@
+"""Extractive QA: the official EM/F1 rules, windows over long contexts, n-best decoding, the title
+partition, the PEFT export, bad input, and (integration) a tiny run on both engines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from pf2lora.adapters.export import PeftExporter
+from pf2lora.adapters.two_level import TwoLevelModel
+from pf2lora.cli import main
+from pf2lora.config import ConfigError, TaskConfig, load_config
+from pf2lora.models import load_tokenizer
+from pf2lora.tasks.qa import QuestionAnswering, decode, windows
+from pf2lora.tasks.squad_metrics import exact_match, f1_score, normalize_answer
+
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+
+
+def _article(title: str, n_questions: int, words: int = 12, seed: int = 0) -> dict:
+    """One article, one paragraph of ``words`` words; question i asks for word i (mod words)."""
+    rng = np.random.default_rng(seed)
+    context = " ".join(WORDS[j] for j in rng.integers(0, len(WORDS), words))
+    starts = np.cumsum([0] + [len(w) + 1 for w in context.split()])
+    qas = []
+    for i in range(n_questions):
+        k = i % words
+        text = context.split()[k]
+        qas.append(
+            {
+                "id": f"{title}-{i}",
+                "question": f"which word is number {k}?",
+                "answers": [{"text": text, "answer_start": int(starts[k])}],
+            }
+        )
+    return {"title": title, "paragraphs": [{"context": context, "qas": qas}]}
+
+
+def _write(path: Path, articles: list[dict]) -> Path:
+    path.write_text(json.dumps({"version": "1.1", "data": articles}))
+    return path
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_normalisation_follows_the_official_script() -> None:
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("an apple, a pear and THE plum") == "apple pear and plum"
+
+
+def test_exact_match_and_f1_v1_by_hand() -> None:
+    assert exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0
+    # pred tokens [in, paris, france]; against "paris": 1 common, P = 1/3, R = 1 -> F1 = 2 * (1/3) / (4/3) = 0.5
+    assert f1_score("in Paris France", ["Paris", "France"]) == pytest.approx(0.5)
+    assert exact_match("in Paris France", ["Paris", "France"]) == 0.0
+    # the best reference counts: "paris france" against "Paris, France" is exact
+    assert exact_match("paris france", ["Paris", "Paris, France"]) == 1.0
+    assert exact_match("", ["Paris"]) == 0.0 and f1_score("", ["Paris"]) == 0.0
+    # v1: a reference that normalises to nothing matches an article exactly, but has no common token
+    assert exact_match("a", ["the"]) == 1.0 and f1_score("a", ["the"]) == 0.0
+
+
+def test_exact_match_and_f1_v2_unanswerable_by_hand() -> None:
+    # an unanswerable question (no references) scores 1 only for an empty prediction
+    assert exact_match("", [], v2=True) == 1.0 and f1_score("", [], v2=True) == 1.0
+    assert exact_match("Paris", [], v2=True) == 0.0 and f1_score("Paris", [], v2=True) == 0.0
+    # v2 drops references that normalise to nothing: ["the"] is read as unanswerable
+    assert exact_match("", ["the"], v2=True) == 1.0 and f1_score("", ["the"], v2=True) == 1.0
+    # an empty prediction on an answerable question scores 0
+    assert f1_score("", ["Paris"], v2=True) == 0.0
+    # answerable questions score as under v1
+    assert f1_score("in Paris France", ["Paris"], v2=True) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("bundled")
+
+
+def test_windows_put_every_answer_in_the_right_window_or_label_no_answer(tokenizer) -> None:
+    # Prepare: a 40-word context, a question for every word (answers at every position, so some sit
+    # on a window edge), windows of 24 tokens overlapping by 6
+    import pandas as pd
+
+    art = _article("T", 40, words=40)
+    para = art["paragraphs"][0]
+    frame = pd.DataFrame(
+        [
+            {
+                "question": q["question"],
+                "context": para["context"],
+                "answer_texts": [q["answers"][0]["text"]],
+                "answer_starts": [q["answers"][0]["answer_start"]],
+            }
+            for q in para["qas"]
+        ]
+    )
+    # Execute
+    data = windows(frame, tokenizer, max_length=24, stride=6)
+    # Assert
+    per_question = np.bincount(data.question)
+    assert per_question.min() >= 2  # every context needed several windows
+    for w in range(len(data)):
+        q, offs = int(data.question[w]), data.offsets[w]
+        start, end = frame["answer_starts"][q][0], frame["answer_starts"][q][0] + len(frame["answer_texts"][q][0])
+        inside = [o for o in offs if o is not None]
+        holds = inside[0][0] <= start and end <= inside[-1][1]
+        if holds:  # the labelled tokens give back exactly the answer's characters
+            s, e = data.starts[w], data.ends[w]
+            assert para["context"][offs[s][0] : offs[e][1]] == frame["answer_texts"][q][0]
+        else:  # no-answer: the [CLS] position
+            assert data.starts[w] == data.ends[w] == data.cls[w] == 0
+    # every answer lies whole in at least one window (the overlap is longer than any answer)
+    answered = {int(data.question[w]) for w in range(len(data)) if data.starts[w] != data.cls[w]}
+    assert answered == set(range(len(frame)))
+    batch = data.batch([0, 1])
+    assert set(batch) >= {"input_ids", "attention_mask", "start_positions", "end_positions"}
+
+
+def test_n_best_decoding_by_hand() -> None:
+    # Prepare: two windows of one question; tokens 0 ([CLS]) and 1 (question) have no context offsets
+    context = "zero one two three four five"
+    offs = [None, None, (0, 4), (5, 8), (9, 12), (13, 18)]
+    s1 = np.array([9.0, 9.0, 1.0, 3.0, 0.0, 0.0])  # the best start/end sit outside the context
+    e1 = np.array([9.0, 9.0, 0.0, 0.5, 2.0, -1.0])
+    offs2 = [None, None, (9, 12), (13, 18), (19, 23), None]
+    s2 = np.array([0.0, 0.0, 0.0, 2.5, 0.0, 0.0])
+    e2 = np.array([0.0, 0.0, 0.1, 0.2, 2.0, -1.0])
+    # Execute / Assert: window 1's best valid span is tokens 3..4 ("one two", 3 + 2 = 5), window 2's
+    # tokens 3..4 ("three four", 2.5 + 2 = 4.5): the first wins
+    args = dict(cls=[0, 0], n_best=4, max_answer_length=5)
+    assert decode([s1, s2], [e1, e2], [offs, offs2], context, no_answer=False, **args) == "one two"
+    # one-token answers only: window 1's token 3 ("one", 3 + 0.5) beats window 2's ("three", 2.5 + 0.2)
+    assert (
+        decode([s1, s2], [e1, e2], [offs, offs2], context, no_answer=False, **{**args, "max_answer_length": 1}) == "one"
+    )
+    # n_best = 1 keeps only each window's top start and end (outside the context in window 1)
+    assert decode([s1, s2], [e1, e2], [offs, offs2], context, no_answer=False, **{**args, "n_best": 1}) == "three four"
+    # v2: the no-answer score is the lowest [CLS] score over the windows (0 here) against 5
+    assert decode([s1, s2], [e1, e2], [offs, offs2], context, no_answer=True, **args) == "one two"
+    s2[0] = e2[0] = 3.0
+    s1[0] = e1[0] = 3.0  # null = 6 > 5: empty answer; a threshold of 1.5 keeps the span
+    assert decode([s1, s2], [e1, e2], [offs, offs2], context, no_answer=True, **args) == ""
+    assert decode([s1, s2], [e1, e2], [offs, offs2], context, no_answer=True, null_threshold=1.5, **args) == "one two"
+
+
+# ----------------------------------------------------------------------------- partition
+
+
+def _build(path: Path, *overrides: str):
+    cfg = load_config(
+        None,
+        ["task.name=qa", "data.dataset=file", f"data.path={path}", "model.max_length=48", "task.stride=16", *overrides],
+    )
+    return QuestionAnswering.build(cfg, load_tokenizer("bundled"))
+
+
+def test_title_partition_keeps_every_question_and_follows_h(tmp_path: Path) -> None:
+    # Prepare: 8 articles of 40 questions
+    path = _write(tmp_path / "squad.json", [_article(f"title{t}", 40, seed=t) for t in range(8)])
+    for h in (1.0, 0.0):
+        # Execute
+        task, data = _build(path, "data.num_clients=4", f"data.heterogeneity={h}", "data.test_fraction=0.2")
+        # Assert: every question in exactly one client's train or test split
+        ids = [i for part in data.train + data.test for i in part.questions["id"]]
+        assert sorted(ids) == sorted(f"title{t}-{i}" for t in range(8) for i in range(40))
+        titles = [sorted(set(part.questions["title"])) for part in data.train]
+        if h == 1.0:  # title-sorted shards, train and test alike: client k's titles come after client k-1's
+            tests = [sorted(set(part.questions["title"])) for part in data.test]
+            for k in range(1, 4):
+                assert titles[k - 1][-1] <= titles[k][0] and tests[k - 1][-1] <= tests[k][0]
+            # each client is tested mostly on the articles it trained on (shard edges differ by a title)
+            seen = [
+                np.isin(te.questions["title"], tr.questions["title"]).mean()
+                for tr, te in zip(data.train, data.test, strict=True)
+            ]
+            assert min(seen) >= 0.5, seen
+        else:  # i.i.d.: every client sees most titles
+            assert all(len(t) >= 5 for t in titles)
+    assert task.name == "qa"
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _tiny_qa(seed: int = 0):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    return BertForQuestionAnswering(config).double().eval()
+
+
+def test_peft_export_reproduces_start_and_end_logits(tmp_path: Path) -> None:
+    # Prepare: a trained-looking (x, y_k) with a personal span head
+    model = TwoLevelModel(
+        _tiny_qa(),
+        QuestionAnswering(TaskConfig(name="qa")),
+        ["query", "value"],
+        4,
+        8,
+        personal_rank=2,
+        personal_lora_alpha=4,
+        head="personal",
+    )
+    g = torch.Generator().manual_seed(0)
+    params = {**model.initial_common(), **model.initial_personal(g)}
+    params = {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+    batch = {
+        "input_ids": torch.randint(1, 60, (3, 9), generator=g),
+        "attention_mask": torch.ones(3, 9, dtype=torch.long),
+    }
+    model.train(False)
+    with torch.no_grad():
+        expected = model.outputs(params, batch)
+    # Execute
+    PeftExporter(_tiny_qa(), model.layout, ["query", "value"]).save(params, tmp_path / "client0")
+    loaded = PeftModel.from_pretrained(_tiny_qa(), tmp_path / "client0").eval()
+    # Assert
+    with torch.no_grad():
+        got = loaded(**batch)
+    torch.testing.assert_close(got.start_logits, expected.start_logits)
+    torch.testing.assert_close(got.end_logits, expected.end_logits)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad(tmp_path: Path, capsys, *overrides: str) -> str:
+    out = tmp_path / "out"
+    code = main(
+        [
+            "run",
+            "task.name=qa",
+            "data.dataset=file",
+            "model.max_length=48",
+            "task.stride=16",
+            *overrides,
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    return err
+
+
+def test_bad_qa_input_exits_2_with_one_line_before_any_work(tmp_path: Path, capsys) -> None:
+    no_fields = tmp_path / "nofields.json"
+    no_fields.write_text(json.dumps({"data": [{"title": "x", "paragraphs": [{"context": "abc"}]}]}))
+    assert "has no 'qas'" in _bad(tmp_path, capsys, f"data.path={no_fields}")
+    not_squad = tmp_path / "list.json"
+    not_squad.write_text("[1, 2]")
+    assert "not a SQuAD file" in _bad(tmp_path, capsys, f"data.path={not_squad}")
+    past = _article("T", 2)
+    past["paragraphs"][0]["qas"][1]["answers"][0]["answer_start"] = 500
+    path = _write(tmp_path / "past.json", [past])
+    assert "runs past its context" in _bad(tmp_path, capsys, f"data.path={path}")
+    good = _write(tmp_path / "good.json", [_article("T", 4)])
+    assert "task.stride (48) must be smaller than model.max_length (48)" in _bad(
+        tmp_path, capsys, f"data.path={good}", "task.stride=48"
+    )
+    v2 = _article("T", 4)
+    v2["paragraphs"][0]["qas"][0].update(
+        is_impossible=True, answers=[], plausible_answers=[{"text": "x", "answer_start": 0}]
+    )
+    path = _write(tmp_path / "v2.json", [v2])
+    assert "set task.version=2" in _bad(tmp_path, capsys, f"data.path={path}")
+
+
+def test_a_tokenizer_without_offsets_is_refused(tmp_path: Path) -> None:
+    class Slow:
+        is_fast = False
+
+    cfg = load_config(
+        None, ["task.name=qa", "data.dataset=file", f"data.path={_write(tmp_path / 's.json', [_article('T', 3)])}"]
+    )
+    with pytest.raises(ConfigError, match="offset mapping"):
+        QuestionAnswering.build(cfg, Slow())
+
+
+def test_a_model_without_a_span_head_is_refused(tmp_path: Path) -> None:
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ConfigError, match="has no QuestionAnswering head"):
+        QuestionAnswering(TaskConfig(name="qa")).load_model(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- integration
+
+LORA_METHODS = ["pf2lora", "homlora"]  # the engines are method-blind; test_flower covers every method
+
+
+@pytest.mark.integration
+def test_tiny_qa_run_on_both_engines_agrees(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: 6 articles, 2 clients, every LoRA method
+    path = _write(tmp_path / "squad.json", [_article(f"title{t}", 6, seed=t) for t in range(6)])
+    common = [
+        f"model.name={tiny_model_dir}",
+        "task.name=qa",
+        "data.dataset=file",
+        f"data.path={path}",
+        "model.max_length=32",
+        "task.stride=8",
+        "data.num_clients=2",
+        "data.heterogeneity=0.5",
+        "train.rounds=2",
+        "train.local_steps=2",
+        "train.batch_size=4",
+        "train.threads=1",
+        "lora.rank=4",
+        "lora.personal_rank=2",
+        "hetlora.r_min=2",
+        "hetlora.r_max=4",
+        f"algorithms=[{','.join(LORA_METHODS)}]",
+    ]
+    local, flower = tmp_path / "local", tmp_path / "flower"
+    # Execute
+    assert main(["run", *common, "--out", str(local), "--quiet"]) == 0
+    assert main(["run", *common, "engine=flower", "--out", str(flower), "--quiet"]) == 0
+    # Assert: per-client EM, F1 and loss agree within 1e-5; results name the task's metrics
+    a, b = json.loads((local / "results.json").read_text()), json.loads((flower / "results.json").read_text())
+    for method in LORA_METHODS:
+        assert a[method]["metric_names"] == ["f1", "exact_match"]
+        for cid, metrics in a[method]["clients"].items():
+            for key in ("f1", "exact_match", "loss"):
+                assert abs(metrics[key] - b[method]["clients"][cid][key]) <= 1e-5, (method, cid, key)
+        assert set(a[method]["mean"]) >= {"f1", "exact_match"}
+    assert (local / "f1_per_client.png").is_file()
