@@ -19,6 +19,7 @@ from pf2lora.models import load_tokenizer
 from pf2lora.tasks.qa import QuestionAnswering, decode, windows
 from pf2lora.tasks.squad_metrics import exact_match, f1_score, normalize_answer
 
+REPO = Path(__file__).resolve().parent.parent
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
 
@@ -341,3 +342,37 @@ def test_tiny_qa_run_on_both_engines_agrees(tiny_model_dir: Path, tmp_path: Path
                 assert abs(metrics[key] - b[method]["clients"][cid][key]) <= 1e-5, (method, cid, key)
         assert set(a[method]["mean"]) >= {"f1", "exact_match"}
     assert (local / "f1_per_client.png").is_file()
+
+
+def test_auto_targets_follow_the_model_type() -> None:
+    from conftest import tiny_bert
+
+    from pf2lora.adapters.two_level import resolve_targets
+
+    assert resolve_targets(tiny_bert(), ["auto"]) == ["query", "value"]  # PEFT's default for BERT
+    assert resolve_targets(tiny_bert(), ["key"]) == ["key"]
+
+
+@pytest.mark.parametrize("name", ["squad_v1", "squad_v2"])
+def test_the_paper_squad_configs_hold_its_settings(name: str) -> None:
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert (cfg.task.name, cfg.task.version) == ("qa", 1 if name == "squad_v1" else 2)
+    assert (cfg.model.name, cfg.data.num_clients, cfg.data.heterogeneity) == ("microsoft/deberta-v3-base", 4, 0.5)
+    assert (cfg.lora.rank, cfg.lora.personal_rank, cfg.hetlora.r_min, cfg.hetlora.r_max) == (8, 4, 6, 14)
+    assert cfg.for_method("pf2lora").train.lower_lr == 1.0e-2
+
+
+XQUAD = REPO.parent / "shared" / "data" / "squad" / "xquad.en.json"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not XQUAD.is_file(), reason="XQuAD (xquad.en.json) is not in ../shared/data on this machine")
+def test_squad_config_runs_offline_on_xquad(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    overrides = ["model.name=bundled", f"data.path={XQUAD}", "data.num_clients=2", "train.rounds=1"]
+    overrides += ["train.local_steps=2", "algorithms=[homlora]", "data.max_test_examples=60", "train.threads=2"]
+    assert main(["run", str(REPO / "configs" / "squad_v1.yaml"), *overrides, "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "results.json").read_text())["homlora"]
+    assert set(result["clients"]) == {"0", "1"}
+    for metrics in [*result["clients"].values(), result["mean"]]:
+        assert 0.0 <= metrics["exact_match"] <= metrics["f1"] <= 1.0

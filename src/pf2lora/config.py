@@ -68,7 +68,8 @@ class ModelConfig:
 class DataConfig:
     dataset: str = _help(
         "rotten_tomatoes | bbc_news (bundled), a GLUE task (sst2, cola, mnli, qqp, qnli), "
-        "hf:<path>[:<config>] for any Hub dataset, or 'file' with data.path",
+        "hf:<path>[:<config>] for any Hub dataset, or 'file' with data.path; task qa: squad | squad_v2 "
+        "(from data.path when given) or 'file' (a SQuAD JSON)",
         "rotten_tomatoes",
     )
     path: str | None = _help("CSV / JSON lines / Parquet file when dataset=file", None)
@@ -90,7 +91,8 @@ class DataConfig:
 @dataclass
 class LoRAConfig:
     target_modules: list[str] = _help(
-        "names of the linear layers that get adapters", factory=lambda: ["query", "value"]
+        "names of the linear layers that get adapters; [auto]: PEFT's defaults for the model type",
+        factory=lambda: ["query", "value"],
     )
     rank: int = _help("rank r of the common adapter {A, B}", 8)
     personal_rank: int = _help("rank r~ < r of the personal adapter {C_k, D_k}", 2)

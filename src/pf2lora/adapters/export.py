@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from pf2lora.adapters.two_level import COMMON, PERSONAL, AdapterLayout, Params
+from pf2lora.adapters.two_level import COMMON, PERSONAL, AdapterLayout, Params, resolve_targets
 
 _PREFIX = "base_model.model."
 
@@ -26,7 +26,8 @@ class PeftExporter:
         self.layout = layout
         rank = layout.rank + layout.personal_rank
         heads = sorted({n[len(_PREFIX) :].rsplit(".", 1)[0] for n in layout.head_names})
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules, modules_to_save=heads)
+        targets = resolve_targets(base, target_modules)
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, modules_to_save=heads)
         self.model = get_peft_model(base, config)
         self._params = dict(self.model.named_parameters())
 

@@ -68,8 +68,24 @@ class AdapterLayout:
         return self.lora_names(PERSONAL) + heads
 
 
+def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """``targets`` as given, or for ``[auto]`` PEFT's default LoRA targets for the model's type
+    (BERT and RoBERTa ``query``/``value``, DeBERTa-v2/v3 ``query_proj``/``value_proj``, ...), so
+    one config serves the paper's model and the bundled one."""
+    if list(targets) != ["auto"]:
+        return list(targets)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in DEFAULTS:
+        raise ConfigError(f"lora.target_modules=[auto]: PEFT has no default targets for model type {kind!r}; name them")
+    return list(DEFAULTS[kind])
+
+
 def find_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
-    """Paths of the ``nn.Linear`` modules whose last name component is one of ``targets``."""
+    """Paths of the ``nn.Linear`` modules whose last name component is one of ``targets``
+    (``[auto]``: see :func:`resolve_targets`)."""
+    targets = resolve_targets(model, targets)
     found = {t: [] for t in targets}  # type: dict[str, list[str]]
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
@@ -104,6 +120,7 @@ class TwoLevelModel:
         personal_lora_alpha: float = 1.0,
         head: str = "shared",
     ) -> None:
+        target_modules = resolve_targets(base, target_modules)
         modules = find_target_modules(base, target_modules)  # clear error before PEFT's own
         head_names = find_head(base, task.head_candidates)
         self.task = task

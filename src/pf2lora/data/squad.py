@@ -1,4 +1,5 @@
-"""Extractive-QA sources: SQuAD v1.1 / v2.0 JSON files, and ``squad`` / ``squad_v2`` by name.
+"""Extractive-QA sources: SQuAD v1.1 / v2.0 JSON files, and ``squad`` / ``squad_v2`` by name
+(from ``data.path`` when it is given: a local copy of the official file, e.g. offline).
 
 Every source yields question frames with columns ``id``, ``title``, ``context``, ``question``,
 ``answer_texts``, ``answer_starts`` (lists; empty for a v2 unanswerable question), and the
@@ -100,7 +101,10 @@ def _from_hub(name: str) -> pd.DataFrame:
 def load_squad(cfg: DataConfig, seed: int) -> TextSplits:
     """Train and test question frames for ``cfg`` (see the module docstring); the label names are
     the article titles."""
-    if cfg.dataset in HUB:
+    if cfg.dataset in HUB and cfg.path:  # a local copy of the official file (offline)
+        train = read_squad_json(cfg.path)
+        test = read_squad_json(cfg.test_path) if cfg.test_path else None
+    elif cfg.dataset in HUB:
         train, test = _from_hub(cfg.dataset), None
     elif cfg.dataset == "file":
         train = read_squad_json(cfg.path or "")
