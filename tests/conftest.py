@@ -91,3 +91,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(folder)  # no head: each run adds its own
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# the training settings of the tiny integration runs (a few seconds per method on tiny_model_dir)
+TINY_TRAIN = [
+    "train.local_steps=2",
+    "train.batch_size=4",
+    "train.threads=1",
+    "lora.rank=4",
+    "lora.personal_rank=2",
+    "hetlora.r_min=2",
+    "hetlora.r_max=4",
+]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAIN
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
@@ -159,13 +160,7 @@ def _tiny(model: Path) -> list[str]:
         "data.num_clients=3",
         "data.max_examples=90",
         "data.max_test_examples=30",
-        "train.local_steps=2",
-        "train.batch_size=4",
-        "train.threads=1",
-        "lora.rank=4",
-        "lora.personal_rank=2",
-        "hetlora.r_min=2",
-        "hetlora.r_max=4",
+        *TINY_TRAIN,
     ]
 
 

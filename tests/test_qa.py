@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN
 from peft import PeftModel
 
 from pf2lora.adapters.export import PeftExporter
@@ -320,13 +321,7 @@ def test_tiny_qa_run_on_both_engines_agrees(tiny_model_dir: Path, tmp_path: Path
         "data.num_clients=2",
         "data.heterogeneity=0.5",
         "train.rounds=2",
-        "train.local_steps=2",
-        "train.batch_size=4",
-        "train.threads=1",
-        "lora.rank=4",
-        "lora.personal_rank=2",
-        "hetlora.r_min=2",
-        "hetlora.r_max=4",
+        *TINY_TRAIN,
         f"algorithms=[{','.join(LORA_METHODS)}]",
     ]
     local, flower = tmp_path / "local", tmp_path / "flower"
