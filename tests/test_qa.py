@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_TRAIN
 from peft import PeftModel
 
+from pf2lora import compare
 from pf2lora.adapters.export import PeftExporter
 from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.cli import main
@@ -371,3 +372,24 @@ def test_squad_config_runs_offline_on_xquad(tmp_path: Path) -> None:
     assert set(result["clients"]) == {"0", "1"}
     for metrics in [*result["clients"].values(), result["mean"]]:
         assert 0.0 <= metrics["exact_match"] <= metrics["f1"] <= 1.0
+
+
+def test_every_lora_method_and_hypergradient_trains_and_evaluates_qa(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: a tiny QA federation; PF2LoRA in its four hypergradient modes beside every other method
+    path = _write(tmp_path / "squad.json", [_article(f"title{t}", 4, seed=t) for t in range(4)])
+    common = [f"model.name={tiny_model_dir}", "task.name=qa", "data.dataset=file", f"data.path={path}"]
+    common += ["model.max_length=32", "task.stride=8", "data.num_clients=2", "train.rounds=1", *TINY_TRAIN]
+    grid = compare.plan(
+        None,
+        [*common, "algorithms=homlora,hetlora,perfedavg,centralized,pf2lora"],
+        variants=[f"pf2lora train.hypergradient={mode}" for mode in ("exact", "first_order", "joint")],
+    )
+    # Execute
+    table = compare.execute(grid, tmp_path / "grid")
+    # Assert: every row has per-client EM and F1 in [0, 1] and a finite loss
+    assert len(table["rows"]) == 8
+    for row, column, seed, _ in grid.runs:
+        result = json.loads((compare.run_dir(tmp_path / "grid", row, column, seed) / "results.json").read_text())
+        for metrics in result[row.algorithm]["clients"].values():
+            assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
+            assert np.isfinite(metrics["loss"])

@@ -213,7 +213,7 @@ def run_dir(out: Path, row: Row, column: Column, seed: int) -> Path:
 
 def _data_key(cfg: ExperimentConfig) -> str:
     """Runs whose data and model settings agree share one tokenised, partitioned dataset."""
-    return json.dumps([cfg.seed, cfg.data.__dict__, cfg.model.__dict__], sort_keys=True, default=str)
+    return json.dumps([cfg.seed, cfg.task.__dict__, cfg.data.__dict__, cfg.model.__dict__], sort_keys=True, default=str)
 
 
 def execute(
@@ -236,15 +236,17 @@ def execute(
 
     def prepared_for(cfg: ExperimentConfig) -> Any:
         if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:  # every client's model, built and checked
-            return prepare_heterogeneous(cfg, data[_data_key(cfg)])
-        return Prepared(cfg, data[_data_key(cfg)])
+            return prepare_heterogeneous(cfg, data[_data_key(cfg)][0])
+        return Prepared(cfg, *data[_data_key(cfg)])
 
-    data: dict[str, Any] = {}  # only the data is kept: models are loaded again for each run
+    # only the data and the task bound to it are kept: models are loaded again for each run
+    data: dict[str, tuple[Any, Any]] = {}
     for row, column, seed, cfg in grid.runs:
         if resume and _finished(run_dir(out, row, column, seed), cfg):
             continue  # kept as it is: nothing to prepare
         if _data_key(cfg) not in data:
-            data[_data_key(cfg)] = prepare_any(cfg).data  # the data, and this run's model checked on it
+            first = prepare_any(cfg)  # the data, and this run's model checked on it
+            data[_data_key(cfg)] = (first.data, getattr(first, "task", None))
         elif cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
             prepared_for(cfg)  # each run's own models checked on its clients' data before any training
     out.mkdir(parents=True, exist_ok=True)
