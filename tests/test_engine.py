@@ -124,3 +124,23 @@ def test_compressed_payloads_halve_the_bytes_and_stay_close() -> None:
     for name, tensor in g_full.items():
         assert g_half[name].dtype == torch.float32  # the receiver works in its own dtype
         torch.testing.assert_close(g_half[name], tensor, rtol=2e-2, atol=2e-3)
+
+
+def test_zero_rounds_evaluate_the_untrained_model(tiny_model_dir, tmp_path) -> None:
+    # Prepare / Execute: no training at all, two methods
+    import json
+
+    from conftest import TINY_TRAIN
+
+    from pf2lora.cli import main
+
+    out = tmp_path / "run"
+    overrides = [f"model.name={tiny_model_dir}", "data.dataset=bbc_news", "data.num_clients=2", "data.max_examples=40"]
+    overrides += ["data.max_test_examples=20", "model.max_length=16", "train.rounds=0", *TINY_TRAIN]
+    assert main(["run", *overrides, "algorithms=[homlora,pf2lora]", "--out", str(out), "--quiet"]) == 0
+    # Assert: both evaluate the same untrained model (B = D = 0, the same seeded head), recorded as round 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["homlora"]["clients"] == results["pf2lora"]["clients"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["algorithm"], r["round"], r["clients"]) for r in records] == [("homlora", 0, {}), ("pf2lora", 0, {})]
+    assert all(len(r["eval"]) == 2 for r in records)

@@ -141,7 +141,7 @@ class PFedLoRAConfig:
 
 @dataclass
 class TrainConfig:
-    rounds: int = _help("communication rounds R", 10)
+    rounds: int = _help("communication rounds R (0: only evaluate the untrained model)", 10)
     local_steps: int = _help("local steps I between two averagings", 10)
     batch_size: int = _help("minibatch size per step (each of pi and xi)", 16)
     lr: float = _help("upper-level (common adapter) AdamW learning rate eta", 1e-3)
@@ -265,7 +265,8 @@ class ExperimentConfig:
         )
         _check(lo.lora_alpha > 0 and lo.personal_lora_alpha > 0, "lora alphas must be > 0")
         _check(lo.head in ("shared", "personal"), f"lora.head must be shared or personal, got {lo.head!r}")
-        for key in ("rounds", "local_steps", "batch_size", "eval_batch_size"):
+        _check(t.rounds >= 0, f"train.rounds must be >= 0 (0: evaluate the untrained model), got {t.rounds}")
+        for key in ("local_steps", "batch_size", "eval_batch_size"):
             _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
         for key in ("lr", "lower_lr", "fd_epsilon"):
             _check(getattr(t, key) > 0, f"train.{key} must be > 0, got {getattr(t, key)}")

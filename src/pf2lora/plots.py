@@ -39,7 +39,8 @@ def plot_run(out: Path, results: dict[str, Any], metrics_path: Path) -> None:
         record = json.loads(line)
         rounds, losses, accs = curves[record["algorithm"]]
         rounds.append(record["round"])
-        losses.append(float(np.mean([c["train_loss"] for c in record["clients"].values()])))
+        clients = record["clients"].values()  # none in round 0 (the untrained model's evaluation)
+        losses.append(float(np.mean([c["train_loss"] for c in clients])) if clients else np.nan)
         accs.append(float(np.mean([e[primary] for e in record["eval"].values()])) if "eval" in record else np.nan)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for method, (rounds, losses, accs) in curves.items():

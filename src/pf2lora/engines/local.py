@@ -174,9 +174,13 @@ class LocalEngine:
             save_client(out, name, cid, state, self.client_view(cid, instruction, state), exporter)
 
     def run(self, rounds: int, eval_every: int = 0, on_round: Callable[[Record], None] | None = None) -> Evaluation:
-        """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last. Returns the final
-        per-client metrics and effective ranks."""
+        """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (``rounds`` = 0:
+        evaluate the initial model only). Returns the final per-client metrics and effective ranks."""
         final: Evaluation = ({}, {})
+        if rounds == 0:  # the untrained model: evaluated as the server starts (round 0)
+            final = self.evaluate(0)
+            if on_round is not None:
+                on_round({"round": 0, "clients": {}, "eval": final[0], "effective_rank": final[1]})
         for server_round in range(1, rounds + 1):
             record = self.train_round(server_round)
             if server_round == rounds or (eval_every and server_round % eval_every == 0):

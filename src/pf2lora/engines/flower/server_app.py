@@ -149,6 +149,9 @@ class FlowerEngine:
     def run(self, rounds: int, eval_every: int, on_round: Callable[[dict[str, Any]], None]) -> Evaluation:
         """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (as the local engine)."""
         final: Evaluation = ({}, {})
+        if rounds == 0:  # the untrained model, as the local engine evaluates it
+            final, extra = self.evaluate(0)
+            on_round({"round": 0, "clients": {}, "eval": final[0], "effective_rank": final[1], **extra})
         for server_round in range(1, rounds + 1):
             record = self.train_round(server_round)
             if server_round == rounds or (eval_every and server_round % eval_every == 0):
