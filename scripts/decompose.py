@@ -37,22 +37,27 @@ def decompose(run: Path) -> dict:
     _, client, model = build_algorithm("pf2lora", cfg, prepared.base_model(), prepared.task)
     folder = run / "checkpoints" / "pf2lora"
     common = load_file(str(folder / "common.safetensors"))
-    out: dict = {"run": str(run), "clients": {}}
+    names = prepared.task.metrics[:2]  # classification: accuracy, MCC; QA: F1, exact match
+    out: dict = {"run": str(run), "metrics": list(names), "clients": {}}
     for cid, test in enumerate(prepared.data.test):
         personal = load_file(str(folder / f"personal_client{cid}.safetensors"))
         without = {k: (torch.zeros_like(v) if f".lora_B.{PERSONAL}." in k else v) for k, v in personal.items()}
         both = client.evaluate(cid, Instruction(common), {"personal": personal}, test)
         alone = client.evaluate(cid, Instruction(common), {"personal": without}, test)
         out["clients"][str(cid)] = {
-            "with_personal": {k: both[k] for k in ("accuracy", "mcc")},
-            "common_alone": {k: alone[k] for k in ("accuracy", "mcc")},
+            "with_personal": {k: both[k] for k in names},
+            "common_alone": {k: alone[k] for k in names},
             "personal_to_common_norm": personal_to_common(model.layout, {**common, **personal}),
         }
     clients = out["clients"].values()
     for key in ("with_personal", "common_alone"):
-        out[key] = {m: sum(c[key][m] for c in clients) / len(clients) for m in ("accuracy", "mcc")}
+        out[key] = {m: sum(c[key][m] for c in clients) / len(clients) for m in names}
     out["personal_to_common_norm"] = sum(c["personal_to_common_norm"] for c in clients) / len(clients)
     return out
+
+
+def _show(metrics: dict[str, float]) -> str:
+    return " / ".join(f"{name} {100 * value:.1f}" for name, value in metrics.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         r = decompose(run)
         results.append(r)
         print(
-            f"{run}: with personal {100 * r['with_personal']['accuracy']:.1f} / MCC {r['with_personal']['mcc']:.3f}; "
-            f"common alone {100 * r['common_alone']['accuracy']:.1f} / MCC {r['common_alone']['mcc']:.3f}; "
+            f"{run}: with personal {_show(r['with_personal'])}; common alone {_show(r['common_alone'])}; "
             f"||personal|| / ||common|| {r['personal_to_common_norm']:.3f}"
         )
     if args.json:
