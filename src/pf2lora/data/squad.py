@@ -101,14 +101,11 @@ def _from_hub(name: str) -> pd.DataFrame:
 def load_squad(cfg: DataConfig, seed: int) -> TextSplits:
     """Train and test question frames for ``cfg`` (see the module docstring); the label names are
     the article titles."""
-    if cfg.dataset in HUB and cfg.path:  # a local copy of the official file (offline)
-        train = read_squad_json(cfg.path)
+    if cfg.dataset == "file" or (cfg.dataset in HUB and cfg.path):  # squad/squad_v2: a local copy
+        train = read_squad_json(cfg.path or "")
         test = read_squad_json(cfg.test_path) if cfg.test_path else None
     elif cfg.dataset in HUB:
         train, test = _from_hub(cfg.dataset), None
-    elif cfg.dataset == "file":
-        train = read_squad_json(cfg.path or "")
-        test = read_squad_json(cfg.test_path) if cfg.test_path else None
     else:
         raise ConfigError(f"unknown dataset {cfg.dataset!r} for task.name=qa (choose from {', '.join(HUB)}, file)")
     if test is None:

@@ -39,20 +39,30 @@ class TokenizedData:
         return cls(ids, types, labels, parts[0].pad_id)
 
     def batch(self, indices: list[int], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        length = max(len(self.ids[i]) for i in indices)
-        input_ids = torch.full((len(indices), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), length), dtype=torch.long)
-        types = torch.zeros((len(indices), length), dtype=torch.long) if self.types is not None else None
-        for row, i in enumerate(indices):
-            n = len(self.ids[i])
-            input_ids[row, :n] = torch.as_tensor(self.ids[i])
-            mask[row, :n] = 1
-            if types is not None and self.types is not None:
-                types[row, :n] = torch.as_tensor(self.types[i])
-        out = {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[indices]}
-        if types is not None:
-            out["token_type_ids"] = types
+        out = pad(self.ids, self.types, indices, self.pad_id)
+        out["labels"] = self.labels[indices]
         return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def pad(
+    ids: list[list[int]], types: list[list[int]] | None, indices: list[int], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` (and ``token_type_ids`` where there are types) of examples
+    ``indices``, padded to the longest of them."""
+    length = max(len(ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(indices), length), dtype=torch.long)
+    type_ids = torch.zeros((len(indices), length), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(ids[i])
+        input_ids[row, :n] = torch.as_tensor(ids[i])
+        mask[row, :n] = 1
+        if types is not None:
+            type_ids[row, :n] = torch.as_tensor(types[i])
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if types is not None:
+        out["token_type_ids"] = type_ids
+    return out
 
 
 def tokenize(frame, tokenizer, max_length: int) -> TokenizedData:

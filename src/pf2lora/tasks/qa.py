@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pf2lora.config import ConfigError, ExperimentConfig, TaskConfig
 from pf2lora.data.squad import load_squad
-from pf2lora.data.text import FederatedData, client_indices
+from pf2lora.data.text import FederatedData, client_indices, pad
 from pf2lora.tasks.base import Batch, Forward, Task
 from pf2lora.tasks.squad_metrics import exact_match, f1_score
 
@@ -91,24 +91,9 @@ class QAData:
         )
 
     def batch(self, indices: list[int], device: torch.device | None = None) -> dict[str, Tensor]:
-        length = max(len(self.ids[i]) for i in indices)
-        input_ids = torch.full((len(indices), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), length), dtype=torch.long)
-        types = torch.zeros((len(indices), length), dtype=torch.long)
-        for row, i in enumerate(indices):
-            n = len(self.ids[i])
-            input_ids[row, :n] = torch.as_tensor(self.ids[i])
-            mask[row, :n] = 1
-            if self.types is not None:
-                types[row, :n] = torch.as_tensor(self.types[i])
-        out = {
-            "input_ids": input_ids,
-            "attention_mask": mask,
-            "start_positions": torch.as_tensor(self.starts[indices]),
-            "end_positions": torch.as_tensor(self.ends[indices]),
-        }
-        if self.types is not None:
-            out["token_type_ids"] = types
+        out = pad(self.ids, self.types, indices, self.pad_id)
+        out["start_positions"] = torch.as_tensor(self.starts[indices])
+        out["end_positions"] = torch.as_tensor(self.ends[indices])
         return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
