@@ -27,7 +27,7 @@ HYPERGRADIENTS = ("exact", "finite_difference", "first_order", "joint")
 PER_METHOD_SECTIONS = ("lora", "train", "hetlora", "perfedavg", "pfedlora")
 ENGINES = ("local", "flower")
 PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid", "classes")
-TASKS = ("classification", "qa")  # one module each under pf2lora/tasks/
+TASKS = ("classification", "qa", "generation")  # one module each under pf2lora/tasks/
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,8 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = None) ->
 @dataclass
 class TaskConfig:
     name: str = _help(
-        "classification | qa (extractive QA); the model, loss and metrics come from pf2lora/tasks/<name>.py",
+        "classification | qa (extractive QA) | generation (data-to-text with a causal LM); the model, loss and "
+        "metrics come from pf2lora/tasks/<name>.py",
         "classification",
     )
     version: int = _help("qa: SQuAD version, 1 (every question answerable) or 2 (no-answer allowed)", 1)
@@ -54,6 +55,10 @@ class TaskConfig:
     n_best: int = _help("qa: best starts and best ends per window considered when decoding a span", 20)
     max_answer_length: int = _help("qa: longest answer span in tokens", 30)
     null_threshold: float = _help("qa v2: answer empty when no-answer score - best span score > this", 0.0)
+    num_beams: int = _help("generation: beam width of the beam search (the paper: 10)", 10)
+    max_new_tokens: int = _help("generation: most tokens generated per input", 64)
+    length_penalty: float = _help("generation: beam search's length penalty (LoRA's E2E decoding: 0.9)", 0.9)
+    no_repeat_ngram_size: int = _help("generation: no n-gram of this size twice in an output (0: off)", 4)
 
 
 @dataclass
@@ -77,6 +82,7 @@ class DataConfig:
     text_column: str | None = _help("text column (default: the dataset's own)", None)
     text_pair_column: str | None = _help("second text column for sentence-pair tasks", None)
     label_column: str | None = _help("label column (default: the dataset's own)", None)
+    target_column: str | None = _help("generation, dataset=file: the target text column (default: target)", None)
     key_column: str | None = _help("column for partition=key (default: the dataset's own)", None)
     test_fraction: float = _help("held-out fraction when the data has no test split", 0.2)
     max_examples: int | None = _help("seeded subsample of the training split (None: all)", None)
@@ -235,8 +241,10 @@ class ExperimentConfig:
             tk.name != "qa" or tk.stride is None or tk.stride < self.model.max_length,
             f"task.stride ({tk.stride}) must be smaller than model.max_length ({self.model.max_length})",
         )
-        for key in ("n_best", "max_answer_length"):
+        for key in ("n_best", "max_answer_length", "num_beams", "max_new_tokens"):
             _check(getattr(tk, key) >= 1, f"task.{key} must be >= 1, got {getattr(tk, key)}")
+        _check(tk.length_penalty > 0, f"task.length_penalty must be > 0, got {tk.length_penalty}")
+        _check(tk.no_repeat_ngram_size >= 0, f"task.no_repeat_ngram_size must be >= 0, got {tk.no_repeat_ngram_size}")
         m, d, lo, t = self.model, self.data, self.lora, self.train
         _check(m.max_length >= 8, f"model.max_length must be >= 8, got {m.max_length}")
         _check(

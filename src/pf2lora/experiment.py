@@ -30,7 +30,7 @@ from pf2lora.data.text import FederatedData
 from pf2lora.engines.local import LocalEngine
 from pf2lora.metrics import summarize
 from pf2lora.models import load_tokenizer
-from pf2lora.tasks import Task, task_class
+from pf2lora.tasks import Task, records_dir, task_class
 from pf2lora.utils import numel, stable_seed
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def run_experiment(
 
 
 def _peft_exporter(prepared: Prepared, layout: AdapterLayout, targets: list[str]) -> PeftExporter:
-    return PeftExporter(prepared.base_model(), layout, targets)
+    return PeftExporter(prepared.base_model(), layout, targets, prepared.task.peft_task_type)
 
 
 def local_engine(
@@ -239,7 +239,8 @@ def local_engine(
     steps = cfg.train.rounds * clients_per_round(len(train), cfg.train.client_fraction)
     state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
     on_step = progress(name, steps) if progress else None
-    return LocalEngine(server, client, train, test, on_step, state_dir, cfg.train.compression)
+    records = records_dir(out, cfg.task.name, name)
+    return LocalEngine(server, client, train, test, on_step, state_dir, cfg.train.compression, records)
 
 
 class Traffic:

@@ -14,7 +14,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from pf2lora.adapters.two_level import COMMON, PERSONAL, AdapterLayout, Params, resolve_targets
+from pf2lora.adapters.two_level import (
+    COMMON,
+    PERSONAL,
+    AdapterLayout,
+    Params,
+    fan_in_fan_out,
+    find_target_modules,
+    resolve_targets,
+)
 
 _PREFIX = "base_model.model."
 
@@ -22,12 +30,23 @@ _PREFIX = "base_model.model."
 class PeftExporter:
     """Holds one PEFT model of rank r + r~ on a fresh base and writes clients' adapters with it."""
 
-    def __init__(self, base: nn.Module, layout: AdapterLayout, target_modules: list[str]) -> None:
+    def __init__(
+        self, base: nn.Module, layout: AdapterLayout, target_modules: list[str], task_type: str | None = None
+    ) -> None:
+        """``task_type``: PEFT's (``CAUSAL_LM`` for generation), so that ``PeftModel.from_pretrained``
+        gives the task's model class (its ``generate``)."""
         self.layout = layout
         rank = layout.rank + layout.personal_rank
         heads = sorted({n[len(_PREFIX) :].rsplit(".", 1)[0] for n in layout.head_names})
         targets = resolve_targets(base, target_modules)
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, modules_to_save=heads)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=targets,
+            modules_to_save=heads or None,
+            fan_in_fan_out=fan_in_fan_out(base, find_target_modules(base, targets)),
+            task_type=task_type,
+        )
         self.model = get_peft_model(base, config)
         self._params = dict(self.model.named_parameters())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -75,7 +76,9 @@ class LinearLowRankModel:
         return per_example.sum() if reduction == "sum" else per_example.mean()
 
     @torch.no_grad()
-    def evaluate(self, params: Params, data: RegressionData, batch_size: int) -> dict[str, float]:
+    def evaluate(
+        self, params: Params, data: RegressionData, batch_size: int, record: Path | None = None
+    ) -> dict[str, float]:
         """The mean squared-error loss over ``data`` (the experiment's own metric is the rank)."""
         total = sum(
             self.loss(params, data.batch(list(range(i, min(i + batch_size, len(data))))), "sum").item()

@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,18 +83,34 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return list(DEFAULTS[kind])
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """A linear layer LoRA can adapt: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's
+    ``c_attn``, a linear layer that stores its weight transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def fan_in_fan_out(model: nn.Module, modules: list[str]) -> bool:
+    """Whether the adapted layers store their weight as (in, out) (``Conv1D``), PEFT's flag for it."""
+    from transformers.pytorch_utils import Conv1D
+
+    found = dict(model.named_modules())
+    return any(isinstance(found[m], Conv1D) for m in modules)
+
+
 def find_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
-    """Paths of the ``nn.Linear`` modules whose last name component is one of ``targets``
-    (``[auto]``: see :func:`resolve_targets`)."""
+    """Paths of the linear modules (``nn.Linear`` or GPT-2's ``Conv1D``) whose last name component
+    is one of ``targets`` (``[auto]``: see :func:`resolve_targets`)."""
     targets = resolve_targets(model, targets)
     found = {t: [] for t in targets}  # type: dict[str, list[str]]
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in found and isinstance(module, nn.Linear):
+        if leaf in found and _is_linear(module):
             found[leaf].append(name)
     missing = [t for t, names in found.items() if not names]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
         raise ConfigError(
             f"unknown target module(s) {', '.join(missing)} for this model (linear layers: {', '.join(linear)})"
         )
@@ -124,10 +141,16 @@ class TwoLevelModel:
         modules = find_target_modules(base, target_modules)  # clear error before PEFT's own
         head_names = find_head(base, task.head_candidates)
         self.task = task
+        transposed = fan_in_fan_out(base, modules)
         if personal_rank:  # one fused adapter [A ; C], [s B | s~ D] of rank r + r~, scaling 1
-            config = LoraConfig(r=rank + personal_rank, lora_alpha=rank + personal_rank, target_modules=target_modules)
+            config = LoraConfig(
+                r=rank + personal_rank,
+                lora_alpha=rank + personal_rank,
+                target_modules=target_modules,
+                fan_in_fan_out=transposed,
+            )
         else:
-            config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=target_modules)
+            config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=target_modules, fan_in_fan_out=transposed)
         self.model = get_peft_model(base, config)
         prefix = "base_model.model."
         self.layout = AdapterLayout(
@@ -202,9 +225,51 @@ class TwoLevelModel:
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor:
         return self.task.loss(self.outputs(params, batch), batch, reduction)
 
-    def evaluate(self, params: Params, data: Any, batch_size: int) -> dict[str, float]:
-        """The task's metrics of the model at ``params`` on ``data`` (computed where the data is)."""
-        return self.task.evaluate(partial(self.outputs, params), data, batch_size, self.device)
+    def generate(self, params: Params, **kwargs: Any) -> Tensor:
+        """``generate(**kwargs)`` of the underlying transformers model (beam search, the KV cache)
+        with its adapters at ``params``: the module's tensors are swapped for the call only."""
+        peft = {f"model.{n}": t for n, t in self.peft_params(params).items()}
+        return functional_call(self._generator, peft, args=(), kwargs=kwargs, strict=False)
+
+    @property
+    def _generator(self) -> nn.Module:
+        if not hasattr(self, "_generate_module"):
+            self._generate_module = _Generate(self.model)
+        return self._generate_module
+
+    def evaluate(self, params: Params, data: Any, batch_size: int, record: Path | None = None) -> dict[str, float]:
+        """The task's metrics of the model at ``params`` on ``data`` (computed where the data is);
+        ``record``: a file for the task's per-example outputs (e.g. generated text), if it keeps any."""
+        model = ModelAt(partial(self.outputs, params), partial(self.generate, params))
+        return self.task.evaluate(model, data, batch_size, self.device, record)
+
+
+class _Generate(nn.Module):
+    """``model.generate`` as a module's forward, so :func:`functional_call` can run it at given
+    tensors (``generate`` calls the forward many times; every call sees the swapped tensors)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs: Any) -> Tensor:
+        return self.model.base_model.model.generate(**kwargs)
+
+
+class ModelAt:
+    """A client's model as a task sees it in ``evaluate``: called on a batch it gives the model's
+    outputs; ``generate(**kwargs)`` is transformers' ``generate`` through the same adapters."""
+
+    def __init__(self, forward: Any, generate: Any = None) -> None:
+        self._forward, self._generate = forward, generate
+
+    def __call__(self, batch: Batch) -> Any:
+        return self._forward(batch)
+
+    def generate(self, **kwargs: Any) -> Tensor:
+        if self._generate is None:
+            raise TypeError("this model cannot generate")
+        return self._generate(**kwargs)
 
 
 def kaiming_uniform(shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> Tensor:

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -42,7 +43,7 @@ class AdapterModel(Protocol):
 
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor: ...
 
-    def evaluate(self, params: Params, data: Any, batch_size: int) -> dict[str, float]: ...
+    def evaluate(self, params: Params, data: Any, batch_size: int, record: Path | None = None) -> dict[str, float]: ...
 
     def initial_common(self) -> Params: ...
 
@@ -106,9 +107,15 @@ class ClientAlgorithm(ABC):
 
     @abstractmethod
     def evaluate(
-        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+        self,
+        client_id: int,
+        instruction: Instruction,
+        state: ClientState,
+        data: ClientData,
+        record: Path | None = None,
     ) -> dict[str, float]:
-        """The task's metrics of this client's model on ``data``, computed here: only numbers leave."""
+        """The task's metrics of this client's model on ``data``, computed here: only numbers leave.
+        ``record``: a file on the client for the task's per-example outputs (generated text)."""
 
     def personalize(
         self, client_id: int, instruction: Instruction, state: ClientState, train_data: ClientData | None

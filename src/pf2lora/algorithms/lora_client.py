@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -95,10 +96,16 @@ class LoRAClient(ClientAlgorithm):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(
-        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+        self,
+        client_id: int,
+        instruction: Instruction,
+        state: ClientState,
+        data: ClientData,
+        record: Path | None = None,
     ) -> dict[str, float]:
         self.model.train(False)
-        return self.model.evaluate({**instruction.params, **self.personal(state)}, data, self.cfg.eval_batch_size)
+        params = {**instruction.params, **self.personal(state)}
+        return self.model.evaluate(params, data, self.cfg.eval_batch_size, record)
 
     def effective_ranks(self, instruction: Instruction, state: ClientState) -> dict[str, int]:
         return effective_ranks(self.model.layout, {**instruction.params, **self.personal(state)})

@@ -30,6 +30,8 @@ round runs (``metrics["flops"]``), so computation is measured, not estimated.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -151,7 +153,12 @@ class HeterogeneousClient(ClientAlgorithm):
 
     @torch.no_grad()
     def evaluate(
-        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+        self,
+        client_id: int,
+        instruction: Instruction,
+        state: ClientState,
+        data: ClientData,
+        record: Path | None = None,
     ) -> dict[str, float]:
         """Classification metrics of the combined prediction (these methods classify only)."""
         weights = instruction.params if self.sends_model else state["personal"]
@@ -193,7 +200,12 @@ class PFedLoRAClient(HeterogeneousClient):
         return _cpu(adapter), loss
 
     def evaluate(
-        self, client_id: int, instruction: Instruction, state: ClientState, data: ClientData
+        self,
+        client_id: int,
+        instruction: Instruction,
+        state: ClientState,
+        data: ClientData,
+        record: Path | None = None,
     ) -> dict[str, float]:
         own = state.get("adapter")
         return super().evaluate(client_id, Instruction(own, instruction.config) if own else instruction, state, data)

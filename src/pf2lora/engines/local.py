@@ -75,12 +75,18 @@ class Site:
         return self.client.personalize(cid, instruction, self.state(cid) if state is None else state, own_train)
 
     def evaluate(
-        self, cid: int, instruction: Instruction, test: ClientData, own_train: ClientData | None
+        self,
+        cid: int,
+        instruction: Instruction,
+        test: ClientData,
+        own_train: ClientData | None,
+        record: Path | None = None,
     ) -> tuple[dict[str, float], dict[str, int]]:
-        """Metrics on the client's test split and its effective rank per adapted module."""
+        """Metrics on the client's test split and its effective rank per adapted module; ``record``:
+        where the client writes the task's per-example outputs (generated text), if any."""
         state = self.state(cid)
         view = self.view(cid, instruction, own_train, state)
-        return self.client.evaluate(cid, view, state, test), self.client.effective_ranks(view, state)
+        return self.client.evaluate(cid, view, state, test, record), self.client.effective_ranks(view, state)
 
 
 class LocalEngine:
@@ -93,12 +99,14 @@ class LocalEngine:
         on_step: Callable[[], None] | None = None,
         state_dir: Path | None = None,
         compression: str = "none",
+        records: Path | None = None,
     ) -> None:
         """``train`` and ``test``: each client's splits. A method that trains on pooled data (centralized)
         passes one training set and is still evaluated on every test split. ``state_dir``: keep client
         states on disk there instead of in memory. ``compression``: none | fp16 | bf16, the dtype of
-        what travels each way."""
-        self.compression = compression
+        what travels each way. ``records``: a folder where the final evaluation writes each client's
+        per-example outputs (``client<k>.jsonl``) for tasks that keep them."""
+        self.compression, self.records = compression, records
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
         self.states: MutableMapping[int, ClientState] = DiskStates(state_dir) if state_dir else PackedStates()
@@ -143,12 +151,16 @@ class LocalEngine:
         release_free_memory()
         return {"round": server_round, "clients": clients}
 
-    def evaluate(self, server_round: int) -> Evaluation:
-        """Every client on its own test split; its effective rank per adapted module."""
+    def evaluate(self, server_round: int, final: bool = False) -> Evaluation:
+        """Every client on its own test split; its effective rank per adapted module. ``final``: the
+        last evaluation, whose per-example outputs are kept under ``records``."""
         metrics, ranks = {}, {}
         for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
             received = self.received(instruction)
-            metrics[cid], ranks[cid] = self.site.evaluate(cid, received, self.test_data[cid], self.own_train(cid))
+            record = self.records / f"client{cid}.jsonl" if final and self.records is not None else None
+            metrics[cid], ranks[cid] = self.site.evaluate(
+                cid, received, self.test_data[cid], self.own_train(cid), record
+            )
         return metrics, ranks
 
     def client_view(self, cid: int, instruction: Instruction, state: ClientState | None = None) -> Instruction:
@@ -178,13 +190,13 @@ class LocalEngine:
         evaluate the initial model only). Returns the final per-client metrics and effective ranks."""
         final: Evaluation = ({}, {})
         if rounds == 0:  # the untrained model: evaluated as the server starts (round 0)
-            final = self.evaluate(0)
+            final = self.evaluate(0, final=True)
             if on_round is not None:
                 on_round({"round": 0, "clients": {}, "eval": final[0], "effective_rank": final[1]})
         for server_round in range(1, rounds + 1):
             record = self.train_round(server_round)
             if server_round == rounds or (eval_every and server_round % eval_every == 0):
-                final = self.evaluate(server_round)
+                final = self.evaluate(server_round, final=server_round == rounds)
                 record["eval"], record["effective_rank"] = final
             log.debug("round %d done", server_round)
             if on_round is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -40,6 +41,8 @@ class Task(ABC):
     primary: ClassVar[str]  # the metric tables, plots and compare show by default
     head_candidates: ClassVar[tuple[str, ...]]  # top-level module names of the task head
     input_names: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
+    records: ClassVar[str] = "predictions"  # the run's folder for per-example outputs (evaluate's record)
+    peft_task_type: ClassVar[str | None] = None  # PEFT's task type of an exported adapter (CAUSAL_LM, ...)
 
     @classmethod
     @abstractmethod
@@ -60,8 +63,13 @@ class Task(ABC):
         """The training loss of a batch from the model's outputs (``reduction``: mean | sum)."""
 
     @abstractmethod
-    def evaluate(self, forward: Forward, data: Any, batch_size: int, device: torch.device) -> dict[str, float]:
-        """This task's metrics on ``data``, plus ``loss`` (mean per example) and ``num_examples``."""
+    def evaluate(
+        self, forward: Forward, data: Any, batch_size: int, device: torch.device, record: Path | None = None
+    ) -> dict[str, float]:
+        """This task's metrics on ``data``, plus ``loss`` (mean per example) and ``num_examples``.
+        ``forward(batch)`` gives the model's outputs (and ``forward.generate(...)``, where the model
+        generates, transformers' ``generate`` through the same adapters); ``record``: where to
+        write per-example outputs (generated text, predicted answers), for tasks that keep them."""
 
     def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
         """The keys of a batch that the model takes (targets stay with the task's loss)."""
@@ -70,9 +78,12 @@ class Task(ABC):
 
 def find_head(model: nn.Module, candidates: tuple[str, ...]) -> list[str]:
     """Names of the task head's parameters: those under the first top-level module in
-    ``candidates`` that the model has (PEFT's convention: ``classifier`` / ``score``, ``qa_outputs``)."""
+    ``candidates`` that the model has (PEFT's convention: ``classifier`` / ``score``, ``qa_outputs``).
+    No candidates: the task trains no head (a causal LM's output layer stays frozen)."""
     from pf2lora.config import ConfigError
 
+    if not candidates:
+        return []
     for candidate in candidates:
         names = [n for n, _ in model.named_parameters() if n.split(".")[0] == candidate]
         if names:

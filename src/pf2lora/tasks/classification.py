@@ -4,6 +4,7 @@ accuracy, Matthews correlation (CoLA's metric) and macro-F1 from each client's c
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,9 @@ class Classification(Task):
         return nn.functional.cross_entropy(logits, batch["labels"], reduction=reduction)
 
     @torch.no_grad()
-    def evaluate(self, forward: Forward, data: Any, batch_size: int, device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self, forward: Forward, data: Any, batch_size: int, device: torch.device, record: Path | None = None
+    ) -> dict[str, float]:
         """One forward per batch gives the predictions and the loss; the confusion matrix (counts,
         which add across batches and clients) gives the metrics."""
         confusion: np.ndarray | None = None

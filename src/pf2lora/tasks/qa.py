@@ -14,6 +14,7 @@ Exact match and F1 follow the official evaluation scripts (:mod:`pf2lora.tasks.s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from pf2lora.data.squad import load_squad
 from pf2lora.data.text import FederatedData, client_indices, pad
 from pf2lora.tasks.base import Batch, Forward, Task
 from pf2lora.tasks.squad_metrics import exact_match, f1_score
+from pf2lora.utils import write_jsonl
 
 
 class QAData:
@@ -226,9 +228,12 @@ class QuestionAnswering(Task):
         ) / 2
 
     @torch.no_grad()
-    def evaluate(self, forward: Forward, data: QAData, batch_size: int, device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self, forward: Forward, data: QAData, batch_size: int, device: torch.device, record: Path | None = None
+    ) -> dict[str, float]:
         """Every window's logits (kept on the client), each question decoded across its windows,
-        then the mean exact match and F1 over the client's questions."""
+        then the mean exact match and F1 over the client's questions. ``record``: a JSON-lines file
+        of each question's id, predicted answer and reference answers."""
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
         total = 0.0
@@ -246,6 +251,7 @@ class QuestionAnswering(Task):
             by_question.setdefault(int(q), []).append(w)
         em = f1 = 0.0
         v2 = self.cfg.version == 2
+        predictions = []
         for q, row in enumerate(data.questions.itertuples()):
             ws = by_question.get(q, [])
             prediction = decode(
@@ -261,5 +267,8 @@ class QuestionAnswering(Task):
             )
             em += exact_match(prediction, row.answer_texts, v2)
             f1 += f1_score(prediction, row.answer_texts, v2)
+            predictions.append({"id": row.id, "prediction": prediction, "answers": list(row.answer_texts)})
+        if record is not None:
+            write_jsonl(record, predictions)
         n = data.num_questions
         return {"f1": f1 / n, "exact_match": em / n, "loss": total / max(len(data), 1), "num_examples": n}

@@ -41,6 +41,7 @@ from pf2lora.engines.flower.codec import (
 )
 from pf2lora.engines.local import Site, save_client
 from pf2lora.engines.states import DiskStates
+from pf2lora.tasks import records_dir
 
 log = logging.getLogger(__name__)
 RUN = "pf2lora"  # the context record holding the experiment this node takes part in
@@ -83,7 +84,9 @@ class Experiment:
         from pf2lora.algorithms import build_algorithm
 
         _, client, model = build_algorithm(name, mcfg, self.prepared.base_model(), self.prepared.task)
-        return client, lambda: PeftExporter(self.prepared.base_model(), model.layout, mcfg.lora.target_modules)
+        task_type = self.prepared.task.peft_task_type
+        targets = mcfg.lora.target_modules
+        return client, lambda: PeftExporter(self.prepared.base_model(), model.layout, targets, task_type)
 
     def data(self, cid: int) -> tuple[ClientData, ClientData]:
         return self.prepared.data.train[cid], self.prepared.data.test[cid]
@@ -199,9 +202,13 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    exp, cid, name, site, _ = _session(msg, context)
+    exp, cid, name, site, folder = _session(msg, context)
     train_data, test_data = exp.data(cid)
-    metrics, ranks = site.evaluate(cid, _instruction(msg), test_data, train_data)
+    instruction = _instruction(msg)
+    # the last evaluation's per-example outputs (generated text) stay on this node's disk
+    final = bool(instruction.config.get("final"))
+    record = records_dir(folder, exp.cfg.task.name, name) / f"client{cid}.jsonl" if final else None
+    metrics, ranks = site.evaluate(cid, instruction, test_data, train_data, record)
     personal = sum(t.numel() for t in site.state(cid).get("personal", {}).values())
     ranks_record = {f"rank.{module}": rank for module, rank in ranks.items()}
     content = RecordDict(

@@ -131,8 +131,12 @@ class FlowerEngine:
             record["failed"] = failed
         return record
 
-    def evaluate(self, server_round: int) -> tuple[Evaluation, dict[str, Any]]:
+    def evaluate(self, server_round: int, final: bool = False) -> tuple[Evaluation, dict[str, Any]]:
+        """Every client's metrics; ``final``: the last evaluation, whose per-example outputs (e.g.
+        generated text) each client keeps on its own disk."""
         instructions = self.server.configure_evaluate(server_round, self.client_ids)
+        if final:
+            instructions = {c: Instruction(i.params, {**i.config, "final": True}) for c, i in instructions.items()}
         replies, failed, down, up = self._exchange("evaluate", server_round, instructions)
         metrics, ranks = {}, {}
         for cid in sorted(replies):
@@ -150,12 +154,12 @@ class FlowerEngine:
         """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (as the local engine)."""
         final: Evaluation = ({}, {})
         if rounds == 0:  # the untrained model, as the local engine evaluates it
-            final, extra = self.evaluate(0)
+            final, extra = self.evaluate(0, final=True)
             on_round({"round": 0, "clients": {}, "eval": final[0], "effective_rank": final[1], **extra})
         for server_round in range(1, rounds + 1):
             record = self.train_round(server_round)
             if server_round == rounds or (eval_every and server_round % eval_every == 0):
-                final, extra = self.evaluate(server_round)
+                final, extra = self.evaluate(server_round, final=server_round == rounds)
                 record["eval"], record["effective_rank"] = final
                 record.update(extra)
             on_round(record)
