@@ -63,6 +63,8 @@ def main() -> None:
         for where in ("memory", "disk") if n == max(scale_sizes) else ("memory",):
             print(f"scale: {n} clients, state in {where}...", flush=True)
             scale.append(_subprocess("benchmarks.scale", str(n), where))
+    print("causal LM: step times and generation throughput (fresh process)...", flush=True)
+    causal_lm = _subprocess("benchmarks.generation")
     results = {
         "setup": "all-MiniLM-L6-v2, LoRA r=8 / r~=2 on query+value, batch 16 x 64 tokens, 2 CPU threads",
         "step_seconds": times,
@@ -77,6 +79,7 @@ def main() -> None:
         "payload_bytes_per_client_round_each_way": payloads,
         "scale": scale,
         "memory_per_additional_client": marginal_memory(scale),
+        "causal_lm": causal_lm,
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results)
@@ -144,6 +147,25 @@ def print_table(r: dict) -> None:
                 "<= 2x" if m is slopes[-1] else "reported",
             )
         )
+    lm = r.get("causal_lm")
+    if lm:
+        lm_ratio, tokens = lm["step_ratio_to_homlora"], lm["generation_tokens_per_second"]
+        rows += [
+            ("causal LM: PF2LoRA fd step / HOMLoRA step", f"{lm_ratio['pf2lora_finite_difference']:.2f}x", "<= 3.0x"),
+            (
+                "causal LM: PF2LoRA first_order step / HOMLoRA step",
+                f"{lm_ratio['pf2lora_first_order']:.2f}x",
+                "<= 2.1x",
+            ),
+        ]
+        for beams in ("beams1", "beams4"):
+            rows.append(
+                (
+                    f"causal LM generation, {beams[-1]} beam(s): tokens/s with / without KV cache",
+                    f"{tokens[beams + '_cache']:.0f} / {tokens[beams + '_no_cache']:.0f}",
+                    "reported",
+                )
+            )
     width = max(len(a) for a, _, _ in rows)
     print(f"\n{'measurement'.ljust(width)}  {'measured':>22}  target")
     for a, b, c in rows:
