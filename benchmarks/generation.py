@@ -2,8 +2,8 @@
 KV cache, on the bundled SmolLM2-135M-Instruct, measured side by side in one process.
 
 Data: pairs cut from the bundled BBC News articles (a 24-token source, a 40-token target), so every
-batch has one shape (4 x 64 tokens, the paper's batch size for generation). Generation: 8 prompts,
-greedy and beam search of width 4, exactly 32 new tokens each (``min_new_tokens``), through a
+batch has one shape (4 x 64 tokens, the paper's batch size for generation). Generation: 4 prompts
+(``BENCH_PROMPTS``), greedy and beam search of width 4, exactly 24 new tokens each, through a
 PF2LoRA client's two-level adapter; tokens per second counts new tokens of the returned sequences.
 Run as ``python -m benchmarks.generation``; prints one JSON line.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -26,7 +27,7 @@ from pf2lora.data.sources import load_bbc_news
 from pf2lora.experiment import Prepared, prepare
 from pf2lora.tasks.generation import GenerationData
 
-SOURCE, TARGET, BATCH = 24, 40, 4
+SOURCE, TARGET, BATCH, NEW_TOKENS = 24, 40, 4, 24
 
 
 def _pairs(folder: Path, n: int = 64) -> Path:
@@ -93,7 +94,7 @@ def step_times(prepared: Prepared, repeats: int, steps: int) -> dict[str, float]
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def throughput(prepared: Prepared, repeats: int) -> dict[str, float]:
+def throughput(prepared: Prepared, repeats: int, prompts: int) -> dict[str, float]:
     """New tokens per second through a PF2LoRA client's adapters, with and without the KV cache."""
     server, client, model = build_algorithm("pf2lora", prepared.cfg, prepared.base_model(), prepared.task)
     params = {**server.configure_evaluate(1, [0])[0].params, **client.init_state(0)["personal"]}
@@ -101,7 +102,7 @@ def throughput(prepared: Prepared, repeats: int) -> dict[str, float]:
     params = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in params.items()}  # non-zero adapters
     model.train(False)
     data = prepared.data.test[0]
-    batch = data.prompt_batch(list(range(min(8, data.num_inputs))), model.device)
+    batch = data.prompt_batch(list(range(min(prompts, data.num_inputs))), model.device)
     out: dict[str, float] = {}
     for beams in (1, 4):
         for cache in (True, False):
@@ -113,8 +114,8 @@ def throughput(prepared: Prepared, repeats: int) -> dict[str, float]:
                         params,
                         **batch,
                         num_beams=beams,
-                        max_new_tokens=32,
-                        min_new_tokens=32,
+                        max_new_tokens=NEW_TOKENS,
+                        min_new_tokens=NEW_TOKENS,
                         use_cache=cache,
                         do_sample=False,
                         pad_token_id=data.pad_id,
@@ -126,10 +127,11 @@ def throughput(prepared: Prepared, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
+    repeats = int(os.environ.get("BENCH_REPEATS", "3"))
     with tempfile.TemporaryDirectory() as folder:
         prepared = setup(Path(folder))
-        times = step_times(prepared, repeats=3, steps=4)
-        tokens = throughput(prepared, repeats=2)
+        times = step_times(prepared, repeats=repeats, steps=2)
+        tokens = throughput(prepared, repeats=max(1, repeats // 2), prompts=int(os.environ.get("BENCH_PROMPTS", "4")))
     print(
         json.dumps(
             {

@@ -72,25 +72,28 @@ def load_tokenizer(name: str):
 def quiet_loading() -> Iterator[None]:
     """transformers' load report (keys expected to be new or unused) and progress bars (its own,
     and the plain tqdm bar of GGUF dequantisation), silenced while a model loads."""
-    import os
+    from functools import partial
 
     from transformers.utils import logging as hf_logging
 
+    try:  # the GGUF loader's own tqdm bar (it ignores transformers' progress-bar switch)
+        from transformers import modeling_gguf_pytorch_utils as gguf_loader
+    except ImportError:
+        gguf_loader = None
+    bar = getattr(gguf_loader, "tqdm", None)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    tqdm_disable = os.environ.get("TQDM_DISABLE")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    os.environ["TQDM_DISABLE"] = "1"
+    if bar is not None:
+        gguf_loader.tqdm = partial(bar, disable=True)
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-        if tqdm_disable is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_disable
+        if bar is not None:
+            gguf_loader.tqdm = bar
 
 
 def load_classifier(name: str, num_labels: int, dropout: float | None = None) -> nn.Module:
