@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from pf2lora.config import ConfigError, DataConfig
-from pf2lora.data.sources import TextSplits, _hf, _subsample, read_table
+from pf2lora.data.sources import TextSplits, _hf, _subsample, keyed_splits, read_table
 
 HUB = ("e2e_nlg", "web_nlg")
 DATASETS = ("e2e", "webnlg", "file", *HUB)
@@ -232,8 +232,4 @@ def load_generation(cfg: DataConfig, seed: int) -> TextSplits:
         raise ConfigError("the generation data has no training or no test inputs (test keys must appear in training)")
     train = _subsample(train, cfg.max_examples, seed)
     test = _subsample(test, cfg.max_test_examples, seed + 1)
-    keys = sorted(set(train["key"]) | set(test["key"]))
-    index = {k: i for i, k in enumerate(keys)}
-    for frame in (train, test):
-        frame["label"] = frame["key"].map(index).astype(np.int64)
-    return TextSplits(train, test, keys)
+    return keyed_splits(train, test)

@@ -131,6 +131,16 @@ def _subsample(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFram
     return frame.iloc[order].reset_index(drop=True)
 
 
+def keyed_splits(train: pd.DataFrame, test: pd.DataFrame) -> TextSplits:
+    """Splits whose partition key (``key``: an article title, a restaurant, a category) serves as
+    the label: ``label`` is the key's index in the sorted keys, which are the label names."""
+    keys = sorted(set(train["key"]) | set(test["key"]))
+    index = {k: i for i, k in enumerate(keys)}
+    for frame in (train, test):
+        frame["label"] = frame["key"].map(index).astype(np.int64)
+    return TextSplits(train.reset_index(drop=True), test.reset_index(drop=True), keys)
+
+
 def load_splits(cfg: DataConfig, seed: int) -> TextSplits:
     """Train and test frames for ``cfg.dataset``, labels encoded as 0..C-1 (sorted label values)."""
     name = cfg.dataset

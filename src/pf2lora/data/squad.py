@@ -15,11 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pf2lora.config import ConfigError, DataConfig
-from pf2lora.data.sources import TextSplits, _hf, _split, _subsample
+from pf2lora.data.sources import TextSplits, _hf, _split, _subsample, keyed_splits
 
 HUB = ("squad", "squad_v2")
 
@@ -112,9 +111,6 @@ def load_squad(cfg: DataConfig, seed: int) -> TextSplits:
         train, test = _split(train, cfg.test_fraction, seed)
     train = _subsample(train, cfg.max_examples, seed)
     test = _subsample(test, cfg.max_test_examples, seed + 1)
-    titles = sorted(set(train["title"]) | set(test["title"]))
-    index = {t: i for i, t in enumerate(titles)}
     for frame in (train, test):
-        frame["label"] = frame["title"].map(index).astype(np.int64)
         frame["key"] = frame["title"]
-    return TextSplits(train.reset_index(drop=True), test.reset_index(drop=True), titles)
+    return keyed_splits(train, test)
