@@ -229,13 +229,7 @@ class TwoLevelModel:
         """``generate(**kwargs)`` of the underlying transformers model (beam search, the KV cache)
         with its adapters at ``params``: the module's tensors are swapped for the call only."""
         peft = {f"model.{n}": t for n, t in self.peft_params(params).items()}
-        return functional_call(self._generator, peft, args=(), kwargs=kwargs, strict=False)
-
-    @property
-    def _generator(self) -> nn.Module:
-        if not hasattr(self, "_generate_module"):
-            self._generate_module = _Generate(self.model)
-        return self._generate_module
+        return functional_call(_Generate(self.model), peft, args=(), kwargs=kwargs, strict=False)
 
     def evaluate(self, params: Params, data: Any, batch_size: int, record: Path | None = None) -> dict[str, float]:
         """The task's metrics of the model at ``params`` on ``data`` (computed where the data is);

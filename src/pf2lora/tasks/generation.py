@@ -201,8 +201,7 @@ class Generation(Task):
 
         from pf2lora.models import load_pretrained
 
-        check_causal_lm(name)
-        model = load_pretrained(AutoModelForCausalLM, name, dropout)
+        model = load_pretrained(AutoModelForCausalLM, name, dropout)  # build() checked it is a causal LM
         model.config.pad_token_id = self.pad_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = self.pad_id
