@@ -219,6 +219,38 @@ def test_webnlg_json_lines_and_xml_read_the_same(tmp_path):
         gen_data._read(str(bad), DataConfig(dataset="webnlg"))
 
 
+def test_webnlg_entry_without_modified_triples_reads_its_original_ones(tmp_path):
+    """The enriched v2.0 test entries carry empty modified sets: their original DBpedia triples are
+    read instead, language tags and datatypes dropped as the modified sets drop them."""
+    original = ['Aarhus_Airport | cityServed | "Aarhus, Denmark"@en', 'Aarhus_Airport | elevation | "25.0"^^xsd:double']
+    entry = {
+        "category": "Airport",
+        "modified_triple_sets": {"mtriple_set": [[]]},
+        "original_triple_sets": {"otriple_set": [original]},
+        "lex": {"text": ["Aarhus Airport serves Aarhus, Denmark, at 25 metres."]},
+    }
+    other = {**entry, "original_triple_sets": {"otriple_set": [["Abilene_Airport | city | Abilene"]]}}
+    jsonl = tmp_path / "test.jsonl"
+    jsonl.write_text(json.dumps(entry) + "\n" + json.dumps(other) + "\n")
+    frame = gen_data._read(str(jsonl), DataConfig(dataset="webnlg"))
+    assert frame["source"].tolist() == [
+        'Aarhus Airport | cityServed | "Aarhus, Denmark" ; Aarhus Airport | elevation | 25.0',
+        "Abilene Airport | city | Abilene",
+    ]
+    otriples = "".join(f"<otriple>{t}</otriple>" for t in original)
+    xml = tmp_path / "test.xml"
+    xml.write_text(
+        f'<benchmark><entries><entry category="Airport" eid="Id1" size="2"><originaltripleset>{otriples}'
+        "</originaltripleset><modifiedtripleset/><lex><text>Aarhus Airport serves Aarhus, Denmark, at 25 metres."
+        "</text></lex></entry></entries></benchmark>"
+    )
+    assert gen_data._read(str(xml), DataConfig(dataset="webnlg"))["source"][0] == frame["source"][0]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({**entry, "original_triple_sets": {"otriple_set": [[]]}}) + "\n")
+    with pytest.raises(ConfigError, match="no triples"):
+        gen_data._read(str(empty), DataConfig(dataset="webnlg"))
+
+
 def test_test_inputs_stay_within_training_keys_and_clients(e2e_csv, tmp_path):
     """The split keeps every test key among the training keys; partition=key gives each client's
     test inputs only keys its own training data covers. A separate test file drops unseen keys."""
@@ -424,6 +456,9 @@ def test_webnlg_shared_data_drops_unseen_categories():
     splits = gen_data.load_generation(cfg, 0)
     assert len(set(splits.train["key"])) == 10 and set(splits.test["key"]) <= set(splits.train["key"])
     assert splits.test["references"].map(len).min() >= 1
+    # the 971 test entries of the 10 seen categories, each its own input (their modified triple
+    # sets are empty in this release: the original triples are read)
+    assert len(splits.test) > 900 and splits.test["source"].str.len().min() > 0
 
 
 def test_prompt_format_and_paper_decoding_defaults():

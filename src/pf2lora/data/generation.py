@@ -12,7 +12,9 @@ references, as the E2E and WebNLG challenges do.
 - WebNLG: the Hugging Face ``web_nlg`` fields as JSON lines (``category``,
   ``modified_triple_sets.mtriple_set``, ``lex.text``), the official XML release (``<entry
   category=...>`` with ``<mtriple>`` and ``<lex>``), or ``web_nlg`` from the Hub. Triples
-  ``s | p | o`` are joined with `` ; ``.
+  ``s | p | o`` are joined with `` ; ``. An entry without modified triples (the enriched v2.0
+  release's test set has only the original DBpedia ones) falls back to its original triples, with
+  language tags and datatypes dropped as the modified sets do.
 - ``file``: CSV / JSON lines / Parquet with a source and a target column (``data.text_column``,
   default ``source``; ``data.target_column``, default ``target``) and an optional key column; rows
   with the same source are one input with several references.
@@ -38,6 +40,8 @@ from pf2lora.data.sources import TextSplits, _hf, _subsample, keyed_splits, read
 HUB = ("e2e_nlg", "web_nlg")
 DATASETS = ("e2e", "webnlg", "file", *HUB)
 _MR_ITEM = re.compile(r"\s*([^\[\],]+?)\s*\[([^\]]*)\]\s*,?")
+_LANG_TAG = re.compile(r'"@[A-Za-z-]+$')
+_TYPED_LITERAL = re.compile(r'"([^"]*)"\^\^\S+$')
 
 
 def linearise_mr(mr: str) -> str:
@@ -89,11 +93,29 @@ def read_e2e_csv_frame(frame: pd.DataFrame, where: str = "the E2E data") -> pd.D
     return pd.DataFrame({"source": mr.map(linearise_mr), "target": frame["ref"], "key": mr.map(mr_name)})
 
 
+def original_triple(triple: str) -> str:
+    """An original (DBpedia) triple in the modified sets' form: a language tag dropped
+    (``"Aarhus, Denmark"@en`` -> ``"Aarhus, Denmark"``), a typed literal unquoted
+    (``"25.0"^^xsd:double`` -> ``25.0``)."""
+    triple = _LANG_TAG.sub('"', triple.strip())
+    return _TYPED_LITERAL.sub(r"\1", triple)
+
+
+def _triples(entry: dict) -> list[str]:
+    """An entry's modified triples; where that set is empty (the enriched release's test entries
+    carry only their original triples), the original triples in the same form."""
+    triples = [t for t in entry["modified_triple_sets"]["mtriple_set"][0] if t and t.strip()]
+    if not triples:
+        original = (entry.get("original_triple_sets") or {}).get("otriple_set") or [[]]
+        triples = [original_triple(t) for t in original[0] if t and t.strip()]
+    return triples
+
+
 def _webnlg_rows(entries: list[dict], where: str) -> pd.DataFrame:
     rows = []
     for i, entry in enumerate(entries):
         try:
-            triples = entry["modified_triple_sets"]["mtriple_set"][0]
+            triples = _triples(entry)
             texts = entry["lex"]["text"]
             category = entry["category"]
         except (KeyError, IndexError, TypeError):
@@ -101,7 +123,9 @@ def _webnlg_rows(entries: list[dict], where: str) -> pd.DataFrame:
                 f"{where}: entry {i + 1} lacks category, modified_triple_sets.mtriple_set or lex.text "
                 "(not WebNLG in the web_nlg fields?)"
             ) from None
-        source = linearise_triples(list(triples))
+        if not triples:
+            raise ConfigError(f"{where}: entry {i + 1} has no triples (neither modified nor original)")
+        source = linearise_triples(triples)
         rows.extend({"source": source, "target": str(t), "key": str(category)} for t in texts)
     return pd.DataFrame(rows, columns=["source", "target", "key"])
 
@@ -128,6 +152,7 @@ def read_webnlg_xml(path: Path) -> pd.DataFrame:
     entries = []
     for entry in root.iter("entry"):
         triples = [t.text or "" for t in entry.iter("mtriple")]
+        original = [t.text or "" for t in entry.iter("otriple")]
         texts = []
         for lex in entry.iter("lex"):
             child = lex.find("text")
@@ -138,6 +163,7 @@ def read_webnlg_xml(path: Path) -> pd.DataFrame:
             {
                 "category": entry.get("category"),
                 "modified_triple_sets": {"mtriple_set": [triples]},
+                "original_triple_sets": {"otriple_set": [original]},
                 "lex": {"text": texts},
             }
         )
@@ -189,7 +215,9 @@ def _from_hub(name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         def convert(frame: pd.DataFrame) -> pd.DataFrame:
             records = frame.to_dict("records")
             for r in records:  # the Hub gives numpy arrays where the JSON lines hold lists
-                r["modified_triple_sets"] = {"mtriple_set": [list(r["modified_triple_sets"]["mtriple_set"][0])]}
+                for field, inner in (("modified_triple_sets", "mtriple_set"), ("original_triple_sets", "otriple_set")):
+                    sets = (r.get(field) or {}).get(inner)
+                    r[field] = {inner: [list(sets[0]) if sets is not None and len(sets) else []]}
                 r["lex"] = {"text": list(r["lex"]["text"])}
             return _webnlg_rows(records, "web_nlg")
 
