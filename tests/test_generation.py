@@ -464,3 +464,31 @@ def test_webnlg_shared_data_drops_unseen_categories():
 def test_prompt_format_and_paper_decoding_defaults():
     assert prompt_text("name : X") == "name : X\n"
     assert ExperimentConfig().task.num_beams == 10  # the paper's beam width
+
+
+def test_examples_script_lines_up_methods_on_the_same_inputs(tmp_path):
+    """scripts/examples.py: one row per drawn input, every method's text on that input, its first
+    reference; inputs one method lacks are not drawn; a directory without generations is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("examples", Path(__file__).parents[1] / "scripts" / "examples.py")
+    examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(examples)
+    inputs = {0: ["a | b | c", "d | e | f"], 1: ["g | h | i"]}
+    for method, missing in (("pf2lora", None), ("hetlora", "d | e | f")):
+        for k, sources in inputs.items():
+            folder = tmp_path / method / "generations" / method
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = [
+                {"input": s, "prediction": f"{method} says {s}", "references": [f"ref of {s}", "another"]}
+                for s in sources
+                if s != missing
+            ]
+            (folder / f"client{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = examples.examples_table([tmp_path / "pf2lora", tmp_path / "hetlora"], per_client=5, seed=0)
+    lines = table.splitlines()
+    assert lines[0] == "| client | input | pf2lora | hetlora | reference (first of n) |"
+    assert lines[2] == "| 0 | a \\| b \\| c | pf2lora says a \\| b \\| c | hetlora says a \\| b \\| c | ref of a \\| b \\| c (n = 2) |"
+    assert lines[3].startswith("| 1 | g \\| h \\| i |") and len(lines) == 4
+    with pytest.raises(SystemExit, match="generations"):
+        examples.read_generations(tmp_path)
