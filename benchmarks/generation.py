@@ -21,10 +21,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pf2lora.algorithms import build_algorithm
 from pf2lora.config import load_config
 from pf2lora.data.sources import load_bbc_news
-from pf2lora.experiment import Prepared, prepare
+from pf2lora.families.lora import Prepared
+from pf2lora.methods import build_algorithm
+from pf2lora.runner import prepare
 from pf2lora.tasks.generation import GenerationData
 
 SOURCE, TARGET, BATCH, NEW_TOKENS = 24, 40, 4, 24

@@ -35,7 +35,7 @@ def peak() -> int:
 
 def measure(method: str, mode: str, steps: int = 4) -> dict[str, float]:
     from benchmarks.steps import setup
-    from pf2lora.algorithms import build_algorithm
+    from pf2lora.methods import build_algorithm
 
     prepared = setup([])
     train = dataclasses.replace(prepared.cfg.train, hypergradient=mode, local_steps=steps)

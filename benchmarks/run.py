@@ -26,7 +26,7 @@ def _subprocess(module: str, *args: str) -> dict:
 def payload_sizes() -> dict[str, float]:
     """Mean bytes per client per round, each way, of every method's serialized payload."""
     from benchmarks.steps import setup
-    from pf2lora.algorithms import build_algorithm
+    from pf2lora.methods import build_algorithm
     from pf2lora.utils import payload_bytes
 
     prepared = setup([])

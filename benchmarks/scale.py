@@ -48,10 +48,10 @@ def state_bytes(state: dict) -> int:
 
 
 def measure(clients: int, where: str = "memory", fraction: float = 1.0) -> dict[str, float]:
-    from pf2lora.algorithms import build_algorithm
     from pf2lora.config import load_config
     from pf2lora.engines.local import LocalEngine
-    from pf2lora.experiment import prepare
+    from pf2lora.methods import build_algorithm
+    from pf2lora.runner import prepare
 
     cfg = load_config(
         "configs/default.yaml",

@@ -18,9 +18,10 @@ from collections.abc import Callable
 import torch
 from peft import LoraConfig, get_peft_model
 
-from pf2lora.algorithms import build_algorithm
 from pf2lora.config import load_config
-from pf2lora.experiment import Prepared, prepare
+from pf2lora.families.lora import Prepared
+from pf2lora.methods import build_algorithm
+from pf2lora.runner import prepare
 
 SEQUENCE_LENGTH = 64
 

@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 
 from pf2lora.adapters.rank import personal_to_common
 from pf2lora.adapters.two_level import PERSONAL
-from pf2lora.algorithms import build_algorithm
 from pf2lora.algorithms.base import Instruction
 from pf2lora.config import load_config
-from pf2lora.experiment import prepare
+from pf2lora.methods import build_algorithm
+from pf2lora.runner import prepare
 
 
 def decompose(run: Path) -> dict:

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pf2lora.config import ConfigError, load_config
-    from pf2lora.experiment import check_out_dir
+    from pf2lora.runner import check_out_dir
 
     config = args.items[0] if args.items and "=" not in args.items[0] else None
     overrides = args.items[1:] if config is not None else args.items

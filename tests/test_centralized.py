@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from conftest import tiny_bert
 
-from pf2lora.algorithms import POOLED, build_algorithm
 from pf2lora.algorithms.centralized import centralized_train_config
 from pf2lora.config import ExperimentConfig, TrainConfig
 from pf2lora.data.text import TokenizedData
 from pf2lora.engines.local import LocalEngine
+from pf2lora.methods import build_algorithm, get
 from pf2lora.tasks.classification import Classification
 
 
@@ -39,7 +39,7 @@ def test_centralized_trains_on_pooled_data_and_evaluates_every_client() -> None:
     cfg.data.num_clients = 3
     cfg.lora.rank, cfg.lora.lora_alpha = 4, 8
     cfg.train.rounds, cfg.train.local_steps, cfg.train.batch_size = 2, 2, 4
-    assert "centralized" in POOLED
+    assert get("centralized").pooled and not get("centralized").federated
     server, client, _ = build_algorithm("centralized", cfg, tiny_bert(), Classification())
     clients = [_client(6, c, 10 * c) for c in range(3)]
     seen: list[int] = []

@@ -25,7 +25,7 @@ TINY = [
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["algorithm=fedprox"], "unknown algorithm 'fedprox'"),
+        (["algorithm=fedprox"], "unknown method 'fedprox'"),
         (["lora.target_modules=[query,qkv_proj]"], "unknown target module(s) qkv_proj"),
         (["lora.rank=0"], "lora.rank must be > 0"),
         (["lora.personal_rank=8"], "must be smaller than lora.rank"),

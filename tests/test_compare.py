@@ -59,7 +59,7 @@ def test_sweep_is_one_row_per_value_and_combination() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"items": ["algorithms=pf2lora,fedprox"]}, "unknown algorithm 'fedprox'"),
+        ({"items": ["algorithms=pf2lora,fedprox"]}, "unknown method 'fedprox'"),
         ({"items": ["seeds=0,x"]}, "seeds: expected integers"),
         ({"items": ["algorithms=pf2lora,local"]}, "not both: local with pf2lora"),
         ({"items": ["algorithms=pfedlora"], "variants": ["homlora"]}, "not both: pfedlora with homlora"),
@@ -228,12 +228,12 @@ def test_compare_runs_pfedlora_and_its_baselines_as_pf2lora_run_does(tmp_path: P
     local = table["rows"][1]["cells"]["2 classes per client"]["seeds"]
     assert pfedlora["vs_baseline"]["differences"] == pytest.approx([a - b for a, b in zip(pfedlora["seeds"], local)])
     # --resume of a finished grid neither trains nor prepares anything again
-    import pf2lora.experiments.heterogeneous as heterogeneous
+    import pf2lora.runner
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was prepared again")
 
-    monkeypatch.setattr(heterogeneous, "prepare_heterogeneous", refuse)
+    monkeypatch.setitem(pf2lora.runner._PREPARE, "heterogeneous", refuse)
     assert main([*args, "--quiet", "--resume"]) == 0
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
 

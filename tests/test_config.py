@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pf2lora.config import ConfigError, ExperimentConfig, load_config
+from pf2lora.methods import check
 
 
 def test_defaults_are_valid_and_paper_like() -> None:
@@ -34,7 +35,7 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("algorithm=fedsgd", "unknown algorithm 'fedsgd'"),
+        ("algorithm=fedsgd", "unknown method 'fedsgd'"),
         ("lora.rank=0", "lora.rank must be > 0"),
         ("lora.rank=-2", "lora.rank must be > 0"),
         ("lora.personal_rank=8", r"personal_rank \(8\) must be smaller than lora.rank \(8\)"),
@@ -58,7 +59,7 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
 )
 def test_bad_values_give_one_line_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
-        load_config(None, [override])
+        check(load_config(None, [override]))
     assert "\n" not in str(info.value)
 
 
@@ -93,7 +94,7 @@ def test_per_method_settings_merge_for_that_method_only() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("per_method.fedprox.train.lr=0.1", "per_method: unknown algorithm 'fedprox'"),
+        ("per_method.fedprox.train.lr=0.1", "per_method: unknown method 'fedprox'"),
         ("per_method.pf2lora.data.heterogeneity=0.1", "data cannot differ between methods"),
         ("per_method.pf2lora.train.lr=-1", "train.lr must be > 0"),
         ("per_method.pf2lora.train.lrr=1", "unknown config key 'train.lrr'"),
@@ -102,7 +103,7 @@ def test_per_method_settings_merge_for_that_method_only() -> None:
 )
 def test_bad_per_method_settings(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        check(load_config(None, [override]))
     assert message in str(err.value)
 
 

@@ -15,16 +15,17 @@ from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
 from pf2lora.cli import main
-from pf2lora.codec import transmit
+from pf2lora.compression import transmit
 from pf2lora.config import ConfigError, load_config
 from pf2lora.engines.flower.client_app import NodeStates
-from pf2lora.engines.flower.codec import (
+from pf2lora.engines.flower.records import (
     decode_params,
     decode_state,
     encode_params,
     encode_state,
     message_bytes,
 )
+from pf2lora.methods import check
 
 REPO = Path(__file__).resolve().parent.parent
 LORA_METHODS = ["pf2lora", "hetlora", "homlora", "perfedavg"]
@@ -125,7 +126,7 @@ def test_node_states_live_in_the_context_and_on_disk(tmp_path: Path) -> None:
 )
 def test_bad_flower_settings_exit_2_before_any_work(overrides, message, tmp_path: Path, capsys) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        load_config(None, overrides)
+        check(load_config(None, overrides))
     out = tmp_path / "run"
     assert main(["run", *overrides, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

@@ -18,7 +18,7 @@ from pf2lora.config import ConfigError, DataConfig, PFedLoRAConfig, TrainConfig,
 from pf2lora.data import partition
 from pf2lora.data.images import ImageData, build_image_data
 from pf2lora.engines.local import LocalEngine
-from pf2lora.experiments.heterogeneous import build, prepare_heterogeneous
+from pf2lora.runner import prepare
 from pf2lora.zoo import CNNS, ModelZoo, TruncatedEncoder
 
 
@@ -119,8 +119,8 @@ def test_build_uses_weighted_fedavg_and_the_configured_fraction() -> None:
             "train.client_fraction=0.5",
         ],
     )
-    prepared = prepare_heterogeneous(cfg)
-    server, _ = build("pfedlora", prepared)
+    prepared = prepare(cfg)
+    server = prepared.build("pfedlora", cfg).server
     assert server.aggregation == "weighted"
     assert len(server.configure_train(1, [0, 1, 2, 3])) == 2
 

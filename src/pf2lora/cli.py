@@ -1,4 +1,5 @@
-"""Command line: ``pf2lora run [CONFIG] [key=value ...] [--out DIR] [--force]``.
+"""Command line: ``pf2lora run [CONFIG] [key=value ...] [--out DIR] [--force]``, ``pf2lora compare``,
+``pf2lora synthetic``, ``pf2lora methods``.
 
 Bad input (config, data, model) is reported as one line on stderr with exit status 2, before any
 training starts and before anything is written.
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a comparison table: methods x heterogeneity levels (or datasets), over seeds",
         description="Runs every method on the same partitions for each heterogeneity level / dataset and seed, "
         "and writes table.md, table.csv, table.json and compare.png. The methods are LoRA methods, or the "
-        "model-heterogeneous ones (pfedlora, local, fedavg). The list axes: algorithms=a,b "
+        "model-heterogeneous ones (`pf2lora methods` lists both). The list axes: algorithms=a,b "
         "heterogeneity=0.6,0.9 seeds=0,1 datasets=x,y; any other key=value overrides the config.",
     )
     cmp.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         help="runs at once, each in its own process (default 1); give train.threads=N_CORES/JOBS for a stable split",
     )
     cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("methods", help="list every method pf2lora can run, with its family and a one-line description")
     syn = sub.add_parser("synthetic", help="the paper's synthetic rank-recovery experiment (Figure 2)")
     syn.add_argument("--out", type=Path, default=Path("runs/synthetic"), help="output directory")
     syn.add_argument("--seed", type=int, default=0)
@@ -86,11 +88,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def methods() -> int:
+    from pf2lora.methods import get, names
+
+    width = max(len(n) for n in names())
+    for name in names():
+        m = get(name)
+        family = "LoRA" if m.family == "lora" else "own models"
+        print(f"{name.ljust(width)}  {family:10s}  {m.description}")
+    return 0
+
+
 def synthetic(args: argparse.Namespace) -> int:
     import json
 
-    from pf2lora.experiment import check_out_dir
     from pf2lora.experiments.synthetic import SyntheticConfig, run_synthetic
+    from pf2lora.runner import check_out_dir
 
     try:
         cfg = SyntheticConfig(seed=args.seed, truth=args.truth)
@@ -122,7 +135,7 @@ def synthetic(args: argparse.Namespace) -> int:
 
 def compare(args: argparse.Namespace, items: list[str]) -> int:
     from pf2lora import compare as cmp
-    from pf2lora.experiment import check_out_dir
+    from pf2lora.runner import check_out_dir
 
     config = items[0] if items and "=" not in items[0] else None
     overrides = items[1:] if config is not None else items
@@ -179,6 +192,10 @@ def flower_federation_error() -> type[Exception]:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "methods":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return methods()
     if args.command == "synthetic":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -201,14 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config, overrides)
         out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        from pf2lora.config import HETEROGENEOUS_ALGORITHMS
-        from pf2lora.experiment import check_out_dir, prepare_any, run_any
+        from pf2lora.api import check_out_dir, prepare, run_on_engine
 
         check_out_dir(out, args.force)
         federation_errors: tuple[type[Exception], ...] = ()  # an in-process run has none
         if cfg.engine == "flower":
             federation_errors = (flower_federation_error(),)  # Flower installed, before any work
-        prepared = prepare_any(cfg)
+        prepared = prepare(cfg)
     except ConfigError as err:
         print(f"pf2lora: error: {err}", file=sys.stderr)
         return 2
@@ -216,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with Progress(disabled=args.quiet) as progress:
         try:
-            results = run_any(prepared, out, progress.task)
+            results = run_on_engine(prepared, out, progress.task)
         except federation_errors as err:  # too few clients answered: what ran is in the run directory
             print(f"pf2lora: error: {err}", file=sys.stderr)
             return 1
     print_summary({k: v for k, v in results.items() if k != "accounting"}, out)
-    if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
-        print_accounting(results)
+    if any("flops_per_round" in r for k, r in results.items() if k != "accounting"):
+        print_accounting(results)  # the model-heterogeneous methods' cost per round
     return 0
 
 

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pf2lora.config import HETEROGENEOUS_ALGORITHMS, ConfigError, ExperimentConfig, from_dict, load_config
+from pf2lora.config import ConfigError, ExperimentConfig, from_dict, load_config
+from pf2lora.methods import check, get
+from pf2lora.runner import check_out_dir
 from pf2lora.tasks import task_class
 
 ABLATIONS = {"bilevel": ("pf2lora", ["train.hypergradient=joint"])}
@@ -164,12 +166,13 @@ def plan(
             raise ConfigError(f"--variant {variant!r} must be 'ALGORITHM key=value ...'")
         rows.append(Row(parts[0], tuple(parts[1:])))
     rows = list(dict.fromkeys(rows))  # no duplicate rows
-    hetero = {r.algorithm for r in rows if r.algorithm in HETEROGENEOUS_ALGORITHMS}
-    if hetero and len(hetero) < len({r.algorithm for r in rows}):
-        lora = sorted({r.algorithm for r in rows} - hetero)
+    families = {r.algorithm: get(r.algorithm).family for r in rows}  # an unknown name: the known ones listed
+    if len(set(families.values())) > 1:
+        hetero = sorted(a for a, f in families.items() if f == "heterogeneous")
+        lora = sorted(a for a, f in families.items() if f != "heterogeneous")
         raise ConfigError(
-            f"compare runs either LoRA methods or model-heterogeneous ones ({', '.join(HETEROGENEOUS_ALGORITHMS)}) "
-            f"in one table, not both: {', '.join(sorted(hetero))} with {', '.join(lora)}"
+            "compare runs either LoRA methods or model-heterogeneous ones "
+            f"in one table, not both: {', '.join(hetero)} with {', '.join(lora)}"
         )
     if baseline is not None and baseline not in [r.label for r in rows]:
         raise ConfigError(f"--baseline {baseline!r} is not a row (rows: {', '.join(r.label for r in rows)})")
@@ -192,7 +195,7 @@ def plan(
         ]
         run_cfg = load_config(config, run_overrides)
         run_cfg.algorithms = [row.algorithm]
-        run_cfg.validate()
+        check(run_cfg)
         result.runs.append((row, column, seed, run_cfg))
     return result
 
@@ -231,23 +234,29 @@ def execute(
     alone, so it gives the same result in any process; a run without ``train.threads`` gets
     ``cores // jobs`` threads). On the 2-core machine two 1-thread runs side by side finished HOMLoRA
     runs ~1.1x faster than one 2-thread run at a time (115-123 s each against 63 s alone)."""
-    from pf2lora.experiment import Prepared, prepare_any, run_any
-    from pf2lora.experiments.heterogeneous import prepare_heterogeneous
+    if jobs > 1:  # a worker process starts afresh: it knows the methods the package registers, no others
+        own = sorted(
+            {c.algorithms[0] for *_, c in grid.runs if not get(c.algorithms[0]).build.__module__.startswith("pf2lora.")}
+        )
+        if own:
+            raise ConfigError(
+                f"{', '.join(own)}: methods registered from your own code run in this process only; use jobs=1"
+            )
+    from pf2lora.api import prepare, run_on_engine
+
+    # one preparation per dataset: its data (and the task bound to it) is shared by every run on it;
+    # models are loaded again for each run, and each run's own models (pFedLoRA's) checked here
+    data: dict[str, Any] = {}
 
     def prepared_for(cfg: ExperimentConfig) -> Any:
-        if cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:  # every client's model, built and checked
-            return prepare_heterogeneous(cfg, data[_data_key(cfg)][0])
-        return Prepared(cfg, *data[_data_key(cfg)])
+        return prepare(cfg, reuse=data[_data_key(cfg)])
 
-    # only the data and the task bound to it are kept: models are loaded again for each run
-    data: dict[str, tuple[Any, Any]] = {}
     for row, column, seed, cfg in grid.runs:
         if resume and _finished(run_dir(out, row, column, seed), cfg):
             continue  # kept as it is: nothing to prepare
         if _data_key(cfg) not in data:
-            first = prepare_any(cfg)  # the data, and this run's model checked on it
-            data[_data_key(cfg)] = (first.data, getattr(first, "task", None))
-        elif cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS:
+            data[_data_key(cfg)] = prepare(cfg).release()  # the data, and this run's model checked on it
+        elif get(cfg.algorithms[0]).family == "heterogeneous":
             prepared_for(cfg)  # each run's own models checked on its clients' data before any training
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -268,11 +277,45 @@ def execute(
         for i, what, cfg, folder in todo:
             if on_run is not None:
                 on_run(i, len(grid.runs), what)
-            run_any(prepared_for(cfg), folder, progress)  # on Flower's simulation runtime for engine=flower
+            run_on_engine(prepared_for(cfg), folder, progress)  # on Flower's simulation runtime for engine=flower
     table = build_table(grid, out)
     table["seconds"] = round(time.perf_counter() - started, 1)
     write_table(table, out)
     return table
+
+
+def run(
+    config: str | Path | None = None,
+    items: list[str] | tuple[str, ...] = (),
+    out: str | Path = "runs/compare",
+    *,
+    sweeps: list[str] | tuple[str, ...] = (),
+    variants: list[str] | tuple[str, ...] = (),
+    ablations: list[str] | tuple[str, ...] = (),
+    metric: str | None = None,
+    baseline: str | None = None,
+    jobs: int = 1,
+    resume: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """A comparison from Python, the one ``pf2lora compare CONFIG ITEMS ...`` makes: ``items`` are
+    its ``key=value`` arguments (``algorithms=a,b``, ``seeds=0,1``, overrides), the keywords its
+    options. Every input is checked before any training. Writes ``out`` and returns the table."""
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    grid = plan(
+        None if config is None else str(config),
+        list(items),
+        list(sweeps),
+        list(variants),
+        list(ablations),
+        metric,
+        baseline,
+    )
+    folder = Path(out)
+    if not resume:
+        check_out_dir(folder, force)
+    return execute(grid, folder, resume, jobs=jobs)
 
 
 def _execute_parallel(
@@ -316,13 +359,13 @@ def _run_in_worker(cfg_dict: dict[str, Any], folder: str, threads: int) -> float
     from pf2lora.config import from_dict
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # as the CLI does
-    from pf2lora.experiment import prepare_any, run_any
+    from pf2lora.api import prepare, run_on_engine
 
     started = time.perf_counter()
     cfg = from_dict(ExperimentConfig, cfg_dict).validate()
     if not cfg.train.threads:
         torch.set_num_threads(threads)
-    run_any(prepare_any(cfg), Path(folder))
+    run_on_engine(prepare(cfg), Path(folder))
     return time.perf_counter() - started
 
 

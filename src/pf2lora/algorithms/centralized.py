@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from torch import nn
+
+from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.algorithms.fedavg import FedAvgServer, clients_per_round
 from pf2lora.algorithms.homlora import HomLoRAClient
-from pf2lora.config import TrainConfig
+from pf2lora.algorithms.lora_client import lora_model
+from pf2lora.config import ExperimentConfig, TrainConfig
+from pf2lora.tasks.base import Task
 
 
 class CentralizedServer(FedAvgServer):
@@ -32,3 +37,12 @@ def centralized_train_config(train: TrainConfig, num_clients: int) -> TrainConfi
     """The federation's optimizer steps per round, taken by one learner on the pooled data."""
     steps = train.local_steps * clients_per_round(num_clients, train.client_fraction)
     return dataclasses.replace(train, local_steps=steps, client_fraction=1.0)
+
+
+def build(
+    cfg: ExperimentConfig, base: nn.Module, task: Task
+) -> tuple[CentralizedServer, CentralizedClient, TwoLevelModel]:
+    """One client holding every client's training data (the registry marks the method pooled)."""
+    model = lora_model(cfg, base, task)
+    train = centralized_train_config(cfg.train, cfg.data.num_clients)
+    return CentralizedServer(model.initial_common(), cfg.seed), CentralizedClient(model, train, cfg.seed), model

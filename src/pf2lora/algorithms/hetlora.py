@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from pf2lora.adapters.two_level import COMMON, AdapterLayout
+from pf2lora.adapters.two_level import COMMON, AdapterLayout, TwoLevelModel
 from pf2lora.algorithms.base import (
     AdapterModel,
     ClientData,
@@ -32,8 +32,9 @@ from pf2lora.algorithms.base import (
     TrainResult,
 )
 from pf2lora.algorithms.fedavg import sample_clients
-from pf2lora.algorithms.lora_client import LoRAClient
-from pf2lora.config import HetLoRAConfig, TrainConfig
+from pf2lora.algorithms.lora_client import LoRAClient, lora_model
+from pf2lora.config import ExperimentConfig, HetLoRAConfig, TrainConfig
+from pf2lora.tasks.base import Task
 from pf2lora.utils import clone_params, weighted_average
 
 
@@ -167,3 +168,13 @@ class HetLoRAClient(LoRAClient):
         pruned = tail_after < round_["tail_at_receipt"]
         new_rank = min(rank, max(self.het.r_min, round_["q"])) if pruned else rank
         return truncate(clone_params(x), new_rank), {"rank": new_rank, "tail_norm": tail_after}
+
+
+def build(cfg: ExperimentConfig, base: nn.Module, task: Task) -> tuple[HetLoRAServer, HetLoRAClient, TwoLevelModel]:
+    """The adapter at r_max; each client trains its own leading r_k components of it."""
+    lo, het, t = cfg.lora, cfg.hetlora, cfg.train
+    scaling = lo.lora_alpha / lo.rank  # every client's scaling, whatever its rank
+    model = lora_model(cfg, base, task, rank=het.r_max, lora_alpha=scaling * het.r_max, head="shared")
+    ranks = initial_ranks(cfg.data.num_clients, het.r_min, het.r_max, het.ranks)
+    server = HetLoRAServer(model.initial_common(), model.layout, ranks, t.client_fraction, cfg.seed)
+    return server, HetLoRAClient(model, t, het, cfg.seed), model

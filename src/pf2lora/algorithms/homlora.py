@@ -7,11 +7,14 @@ shared head) and sends it back. Evaluation is the global model on each client's 
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.algorithms.base import ClientData, ClientState
 from pf2lora.algorithms.fedavg import FedAvgServer
-from pf2lora.algorithms.lora_client import LoRAClient
+from pf2lora.algorithms.lora_client import LoRAClient, lora_model
+from pf2lora.config import ExperimentConfig
+from pf2lora.tasks.base import Task
 
 
 class HomLoRAServer(FedAvgServer):
@@ -25,3 +28,13 @@ class HomLoRAClient(LoRAClient):
         loss = self.model.loss(x, self.next_batch(client_id, state, data, self.cfg.batch_size))
         loss.backward()
         return loss.item()
+
+
+def build(cfg: ExperimentConfig, base: nn.Module, task: Task) -> tuple[HomLoRAServer, HomLoRAClient, TwoLevelModel]:
+    model = lora_model(cfg, base, task)
+    t = cfg.train
+    return (
+        HomLoRAServer(model.initial_common(), t.aggregation, t.client_fraction, cfg.seed),
+        HomLoRAClient(model, t, cfg.seed),
+        model,
+    )

@@ -6,9 +6,10 @@ from abc import abstractmethod
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pf2lora.adapters.rank import effective_ranks
+from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.algorithms.base import (
     AdapterModel,
     ClientAlgorithm,
@@ -18,9 +19,37 @@ from pf2lora.algorithms.base import (
     Params,
     TrainResult,
 )
-from pf2lora.config import TrainConfig
+from pf2lora.config import ExperimentConfig, TrainConfig
 from pf2lora.data.sampling import draw
+from pf2lora.tasks.base import Task
 from pf2lora.utils import clone_params, stable_seed
+
+
+def lora_model(
+    cfg: ExperimentConfig,
+    base: nn.Module,
+    task: Task,
+    *,
+    personal: bool = False,
+    rank: int | None = None,
+    lora_alpha: float | None = None,
+    head: str | None = None,
+) -> TwoLevelModel:
+    """``base`` wrapped with the configured two-level adapter: the common level of rank
+    ``lora.rank`` (or ``rank``), and the personal level of rank ``lora.personal_rank`` where the
+    method has one (``personal``); the head where ``lora.head`` puts it (or ``head``). ``task``
+    names the head, the loss and the metrics."""
+    lo = cfg.lora
+    return TwoLevelModel(
+        base,
+        task,
+        lo.target_modules,
+        rank=lo.rank if rank is None else rank,
+        lora_alpha=lo.lora_alpha if lora_alpha is None else lora_alpha,
+        personal_rank=lo.personal_rank if personal else 0,
+        personal_lora_alpha=lo.personal_lora_alpha,
+        head=lo.head if head is None else head,
+    )
 
 
 class LoRAClient(ClientAlgorithm):

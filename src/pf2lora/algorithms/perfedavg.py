@@ -19,14 +19,16 @@ step of lr alpha on a minibatch of the client's own training data, then the test
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pf2lora.adapters.dropout import DropoutMasks
+from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.algorithms.base import Batch, ClientData, ClientState, Instruction, Params
 from pf2lora.algorithms.fedavg import FedAvgServer
-from pf2lora.algorithms.lora_client import LoRAClient
-from pf2lora.config import PerFedAvgConfig, TrainConfig
+from pf2lora.algorithms.lora_client import LoRAClient, lora_model
+from pf2lora.config import ExperimentConfig, PerFedAvgConfig, TrainConfig
 from pf2lora.data.sampling import draw
+from pf2lora.tasks.base import Task
 from pf2lora.utils import fork_rng, l2_norm, rng_state, stable_seed
 
 
@@ -111,3 +113,13 @@ class PerFedAvgClient(LoRAClient):
             grads = torch.autograd.grad(loss, list(x.values()))
         adapted: Params = {k: (x[k] - self.per.alpha * g).detach() for k, g in zip(x, grads, strict=True)}
         return Instruction(adapted, instruction.config)
+
+
+def build(cfg: ExperimentConfig, base: nn.Module, task: Task) -> tuple[PerFedAvgServer, PerFedAvgClient, TwoLevelModel]:
+    model = lora_model(cfg, base, task)
+    t = cfg.train
+    return (
+        PerFedAvgServer(model.initial_common(), t.aggregation, t.client_fraction, cfg.seed),
+        PerFedAvgClient(model, t, cfg.perfedavg, cfg.seed),
+        model,
+    )

@@ -30,13 +30,16 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pf2lora.adapters.dropout import DropoutMasks
 from pf2lora.adapters.rank import personal_to_common
+from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.algorithms.base import Batch, ClientData, ClientState, Instruction, Params
 from pf2lora.algorithms.fedavg import FedAvgServer
-from pf2lora.algorithms.lora_client import LoRAClient
+from pf2lora.algorithms.lora_client import LoRAClient, lora_model
+from pf2lora.config import ExperimentConfig
+from pf2lora.tasks.base import Task
 from pf2lora.utils import clone_params, fork_rng, generator, l2_norm, rng_state, set_rng_state
 
 
@@ -185,3 +188,13 @@ class PF2LoRAClient(LoRAClient):
         h = dict(zip(xs, grads[: len(xs)], strict=True))
         y_next = {k: (y[k] - self.cfg.lower_lr * g).detach() for k, g in zip(ys, grads[len(xs) :], strict=True)}
         return loss.item(), h, y_next
+
+
+def build(cfg: ExperimentConfig, base: nn.Module, task: Task) -> tuple[PF2LoRAServer, PF2LoRAClient, TwoLevelModel]:
+    model = lora_model(cfg, base, task, personal=True)
+    t = cfg.train
+    return (
+        PF2LoRAServer(model.initial_common(), t.aggregation, t.client_fraction, cfg.seed),
+        PF2LoRAClient(model, t, cfg.seed),
+        model,
+    )

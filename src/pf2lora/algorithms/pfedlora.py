@@ -47,7 +47,7 @@ from pf2lora.algorithms.base import (
     TrainResult,
 )
 from pf2lora.algorithms.fedavg import FedAvgServer
-from pf2lora.config import PFedLoRAConfig, TrainConfig
+from pf2lora.config import ExperimentConfig, PFedLoRAConfig, TrainConfig
 from pf2lora.data.sampling import draw
 from pf2lora.tasks.classification import Classification
 from pf2lora.utils import generator, stable_seed
@@ -235,3 +235,26 @@ class FedAvgModelClient(HeterogeneousClient):
     ) -> tuple[Params, float]:
         model, loss = self.local_phase(client_id, instruction.params, state, data, None, 0.0)
         return _cpu(model.state_dict()), loss
+
+
+# Builders for the method registry (the model-heterogeneous family): each gets the config, the
+# clients' models (``zoo``) and the number of classes. FedAvg weights by training-set size.
+
+
+def build_pfedlora(cfg: ExperimentConfig, zoo: ModelZoo, num_labels: int) -> tuple[PFedLoRAServer, PFedLoRAClient]:
+    pf = cfg.pfedlora
+    initial = initial_adapter(pf.rep_dim, num_labels, pf.adapter_rank, cfg.seed)
+    server = PFedLoRAServer(initial, "weighted", cfg.train.client_fraction, cfg.seed)
+    return server, PFedLoRAClient(zoo, cfg.train, pf, cfg.seed)
+
+
+def build_local(cfg: ExperimentConfig, zoo: ModelZoo, num_labels: int) -> tuple[FedAvgServer, LocalOnlyClient]:
+    """Nothing travels: the server holds no parameters."""
+    server = FedAvgServer({}, "weighted", cfg.train.client_fraction, cfg.seed)
+    return server, LocalOnlyClient(zoo, cfg.train, cfg.pfedlora, cfg.seed)
+
+
+def build_fedavg(cfg: ExperimentConfig, zoo: ModelZoo, num_labels: int) -> tuple[FedAvgServer, FedAvgModelClient]:
+    """One global model (``pfedlora.fedavg_model``) for everyone."""
+    server = FedAvgServer(zoo.initial_state(0), "weighted", cfg.train.client_fraction, cfg.seed)
+    return server, FedAvgModelClient(zoo, cfg.train, cfg.pfedlora, cfg.seed)

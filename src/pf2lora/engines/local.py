@@ -23,8 +23,11 @@ from pf2lora.algorithms.base import (
     ServerAlgorithm,
     TrainResult,
 )
-from pf2lora.codec import transmit
+from pf2lora.algorithms.fedavg import clients_per_round
+from pf2lora.compression import transmit
+from pf2lora.config import ExperimentConfig
 from pf2lora.engines.states import DiskStates, PackedStates
+from pf2lora.tasks import records_dir
 from pf2lora.utils import numel, release_free_memory
 
 log = logging.getLogger(__name__)
@@ -202,3 +205,23 @@ class LocalEngine:
             if on_round is not None:
                 on_round(record)
         return final
+
+
+def local_engine(
+    out: Path,
+    name: str,
+    cfg: ExperimentConfig,
+    server: ServerAlgorithm,
+    client: ClientAlgorithm,
+    train: Sequence[ClientData],
+    test: Sequence[ClientData],
+    progress: Callable[[str, int], Callable[[], None]] | None,
+) -> LocalEngine:
+    """The in-process engine for method ``name`` of a run (the runner's engine factory): client
+    state in memory or under ``out/client_state/<name>``, the configured compression, a progress
+    bar of client-rounds, each client's per-example outputs under ``out``."""
+    steps = cfg.train.rounds * clients_per_round(len(train), cfg.train.client_fraction)
+    state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
+    on_step = progress(name, steps) if progress else None
+    records = records_dir(out, cfg.task.name, name)
+    return LocalEngine(server, client, train, test, on_step, state_dir, cfg.train.compression, records)

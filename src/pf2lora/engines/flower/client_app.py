@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ClientState, Instruction
 from pf2lora.config import ExperimentConfig, from_dict
-from pf2lora.engines.flower.codec import (
+from pf2lora.engines.flower.records import (
     decode_params,
     decode_state,
     encode_config,
@@ -41,6 +41,7 @@ from pf2lora.engines.flower.codec import (
 )
 from pf2lora.engines.local import Site, save_client
 from pf2lora.engines.states import DiskStates
+from pf2lora.runner import prepare
 from pf2lora.tasks import records_dir
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,6 @@ class Experiment:
     prepared: Any
     clients: dict[str, tuple[ClientAlgorithm, Callable[[], PeftExporter | None]]] = field(default_factory=dict)
 
-    @property
-    def heterogeneous(self) -> bool:
-        from pf2lora.config import HETEROGENEOUS_ALGORITHMS
-
-        return self.cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS
-
     def client(self, name: str) -> tuple[ClientAlgorithm, Callable[[], PeftExporter | None]]:
         """Method ``name``'s client part and a maker of its PEFT exporter (None for own-model methods)."""
         if name not in self.clients:
@@ -75,18 +70,8 @@ class Experiment:
         return self.clients[name]
 
     def _build(self, name: str) -> tuple[ClientAlgorithm, Callable[[], PeftExporter | None]]:
-        mcfg = self.cfg.for_method(name)
-        if self.heterogeneous:
-            from pf2lora.experiments.heterogeneous import PreparedHeterogeneous, build
-
-            _, client = build(name, PreparedHeterogeneous(mcfg, self.prepared.data, self.prepared.zoos))
-            return client, lambda: None
-        from pf2lora.algorithms import build_algorithm
-
-        _, client, model = build_algorithm(name, mcfg, self.prepared.base_model(), self.prepared.task)
-        task_type = self.prepared.task.peft_task_type
-        targets = mcfg.lora.target_modules
-        return client, lambda: PeftExporter(self.prepared.base_model(), model.layout, targets, task_type)
+        built = self.prepared.build(name, self.cfg.for_method(name))
+        return built.client, built.exporter
 
     def data(self, cid: int) -> tuple[ClientData, ClientData]:
         return self.prepared.data.train[cid], self.prepared.data.test[cid]
@@ -99,10 +84,8 @@ def experiment(text: str) -> Experiment:
     """The experiment of config ``text``, prepared once per process."""
     key = hashlib.sha256(text.encode()).hexdigest()
     if key not in _EXPERIMENTS:
-        from pf2lora.experiment import prepare_any
-
         cfg = from_dict(ExperimentConfig, yaml.safe_load(text)).validate()
-        prepared = prepare_any(cfg)
+        prepared = prepare(cfg)
         _EXPERIMENTS.clear()  # one experiment at a time per process
         _EXPERIMENTS[key] = Experiment(cfg, prepared)
     return _EXPERIMENTS[key]

@@ -28,8 +28,9 @@ from flwr.serverapp import Grid, ServerApp
 from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, Instruction, ServerAlgorithm, TrainResult
 from pf2lora.algorithms.fedavg import clients_per_round
-from pf2lora.config import HETEROGENEOUS_ALGORITHMS, ConfigError, ExperimentConfig, load_config
-from pf2lora.engines.flower.codec import decode_params, encode_config, encode_params, message_bytes
+from pf2lora.config import ConfigError, ExperimentConfig, load_config
+from pf2lora.engines.flower.records import decode_params, encode_config, encode_params, message_bytes
+from pf2lora.runner import prepare, run
 from pf2lora.utils import numel
 
 log = logging.getLogger(__name__)
@@ -206,10 +207,7 @@ def discover(grid: Grid, cfg: ExperimentConfig, out: Path) -> dict[int, int]:
 
 def serve(grid: Grid, cfg: ExperimentConfig, out: Path, progress: Any = None, prepared: Any = None) -> dict[str, Any]:
     """The whole experiment on the federation behind ``grid``; writes the run directory ``out``."""
-    from pf2lora.experiment import prepare_any
-
-    heterogeneous = cfg.algorithms[0] in HETEROGENEOUS_ALGORITHMS
-    prepared = prepare_any(cfg) if prepared is None else prepared
+    prepared = prepare(cfg) if prepared is None else prepared
     nodes = discover(grid, cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "messages.jsonl").write_text("")
@@ -228,13 +226,7 @@ def serve(grid: Grid, cfg: ExperimentConfig, out: Path, progress: Any = None, pr
         on_step = progress(name, steps) if progress else None
         return FlowerEngine(grid, nodes, name, mcfg, server, on_step, out / "messages.jsonl")
 
-    if heterogeneous:
-        from pf2lora.experiments.heterogeneous import run_heterogeneous
-
-        return run_heterogeneous(prepared, out, progress, engine)
-    from pf2lora.experiment import run_experiment
-
-    return run_experiment(prepared, out, progress, engine)
+    return run(prepared, out, engine, progress)
 
 
 app = ServerApp()

@@ -3,7 +3,7 @@
 A payload is an ``ArrayRecord`` whose keys are the parameter names (so clients of different
 ranks, or different adapters, can never be mixed up). With ``compression`` fp16/bf16 the sender
 casts floating tensors to the wire dtype and the receiver casts them back, exactly as the local
-engine's :func:`pf2lora.codec.transmit` does; bf16, which NumPy lacks, travels as raw bytes.
+engine's :func:`pf2lora.compression.transmit` does; bf16, which NumPy lacks, travels as raw bytes.
 A client's state (personal adapter, optimizer moments, sampler cursor) is kept in the node's
 ``Context`` as one ``torch.save`` of its packed form, the same bytes the local engine keeps on disk.
 """
@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
 
 from pf2lora.algorithms.base import ClientState, Params
-from pf2lora.codec import compress
+from pf2lora.compression import compress
 from pf2lora.engines.states import pack, unpack
 
 _RAW = "torch-raw"  # our stype for dtypes NumPy cannot hold (bfloat16)
