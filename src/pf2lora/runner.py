@@ -23,7 +23,7 @@ from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ServerAlgorithm
 from pf2lora.config import ConfigError, ExperimentConfig
 from pf2lora.families import PreparedRun, heterogeneous, lora
-from pf2lora.methods import check, family_of, get
+from pf2lora.methods import family_of, get
 from pf2lora.metrics import summarize
 
 _PREPARE = {"lora": lora.prepare, "heterogeneous": heterogeneous.prepare}
@@ -34,8 +34,8 @@ Progress = Callable[[str, int], Callable[[], None]]
 def prepare(cfg: ExperimentConfig, reuse: PreparedRun | None = None) -> PreparedRun:
     """Check ``cfg`` and everything it names (data, columns, models) and prepare the run, raising
     ConfigError on any bad input before anything is trained or written. ``reuse``: an earlier
-    preparation of the same data, whose data is shared."""
-    check(cfg)
+    preparation of the same data, whose data is shared. The family's prepare checks ``cfg`` with its
+    methods first (``methods.check``); an unknown first method already fails in ``family_of``."""
     return _PREPARE[family_of(cfg)](cfg, reuse)  # type: ignore[operator]
 
 
