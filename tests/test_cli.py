@@ -36,6 +36,13 @@ TINY = [
         (["algorithm=hetlora", "hetlora.r_min=13"], "hetlora.r_min (13) must not exceed hetlora.r_max (12)"),
         (["algorithm=hetlora", "hetlora.ranks=[8,9,10]"], "hetlora.ranks has 3 entries for 2 clients"),
         (["algorithm=hetlora", "hetlora.gamma=1.2"], "hetlora.gamma must be in (0, 1]"),
+        (["algorithm=flexlora", "flexlora.r_min=13"], "flexlora.r_min (13) must not exceed flexlora.r_max (12)"),
+        (["algorithm=flexlora", "flexlora.ranks=[4,5,6]"], "flexlora.ranks has 3 entries for 2 clients"),
+        (["algorithm=flexlora", "flexlora.ranks=[4,20]"], "flexlora.ranks [20] outside [r_min, r_max] = [4, 12]"),
+        (["algorithm=feddpa", "feddpa.local_weight=1.5"], "feddpa.local_weight must be in [0, 1], got 1.5"),
+        (["algorithm=feddpa", "feddpa.max_weight=-0.1"], "feddpa.max_weight must be in [0, 1], got -0.1"),
+        (["algorithm=feddpa", "feddpa.weighting=max"], "feddpa.weighting must be instance or fixed"),
+        (["algorithm=feddpa", "feddpa.instances=0"], "feddpa.instances must be >= 1"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(overrides, message, tmp_path: Path, capsys) -> None:

@@ -111,7 +111,10 @@ def test_a_short_key_naming_two_settings_is_refused(monkeypatch) -> None:
     import pf2lora.config as config
 
     paths = config._leaf_paths(ExperimentConfig)
-    assert all(len(v) == 1 for k, v in paths.items() if k != "name")  # today every short key is unique
+    shared = {k for k, v in paths.items() if len(v) > 1}
+    assert shared == {"name", "r_min", "r_max", "ranks"}  # HETLoRA's and FlexLoRA's ranks: dotted paths only
+    with pytest.raises(ConfigError, match=r"config key 'r_min' is ambiguous \(hetlora.r_min or flexlora.r_min\)"):
+        load_config(None, ["r_min=2"])
     monkeypatch.setattr(config, "_leaf_paths", lambda cls: {**paths, "rank": ["lora.rank", "pfedlora.rank"]})
     with pytest.raises(ConfigError) as err:
         load_config(None, ["rank=4"])

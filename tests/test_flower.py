@@ -28,7 +28,17 @@ from pf2lora.engines.flower.records import (
 from pf2lora.methods import check
 
 REPO = Path(__file__).resolve().parent.parent
-LORA_METHODS = ["pf2lora", "hetlora", "homlora", "perfedavg"]
+LORA_METHODS = [
+    "pf2lora",
+    "hetlora",
+    "homlora",
+    "perfedavg",
+    "fedsa_lora",
+    "ffa_lora",
+    "flexlora",
+    "feddpa",
+    "fedex_lora",
+]
 
 
 def _params(rank: int) -> dict[str, torch.Tensor]:

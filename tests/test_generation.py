@@ -493,3 +493,23 @@ def test_examples_script_lines_up_methods_on_the_same_inputs(tmp_path):
     assert lines[3].startswith("| 1 | g \\| h \\| i |") and len(lines) == 4
     with pytest.raises(SystemExit, match="generations"):
         examples.read_generations(tmp_path)
+
+
+NEWER = ["fedsa_lora", "ffa_lora", "flexlora", "feddpa", "fedex_lora"]
+
+
+@pytest.mark.integration
+def test_the_newer_lora_methods_generate(lm_dir, e2e_csv, tmp_path):
+    """FedSA-LoRA, FFA-LoRA, FlexLoRA, FedDPA (its instance weights through beam search) and
+    FedEx-LoRA (its residual in the base weight) on the tiny Llama: every client generates, every
+    metric is a number, every client's adapter is exported."""
+    extra = [f"algorithms=[{','.join(NEWER)}]", "train.rounds=1", "flexlora.r_min=2", "flexlora.r_max=4"]
+    done = _cli(*_args(lm_dir, e2e_csv, tmp_path / "out", *extra), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for method in NEWER:
+        for cid, metrics in results[method]["clients"].items():
+            assert all(metrics[name] == metrics[name] for name in (*tm.METRICS, "loss")), (method, cid)  # no NaN
+            lines = (tmp_path / "out" / "generations" / method / f"client{cid}.jsonl").read_text().splitlines()
+            assert len(lines) == metrics["num_examples"]
+            assert (tmp_path / "out" / "adapters" / method / f"client{cid}" / "adapter_model.safetensors").is_file()

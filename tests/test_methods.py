@@ -10,7 +10,11 @@ from pf2lora.cli import main
 from pf2lora.compare import plan
 from pf2lora.config import ConfigError, load_config
 
-BUILT_IN = ["pf2lora", "homlora", "hetlora", "perfedavg", "centralized", "pfedlora", "local", "fedavg"]
+BUILT_IN = [
+    *("pf2lora", "homlora", "hetlora", "perfedavg", "centralized"),  # the paper's
+    *("fedsa_lora", "ffa_lora", "flexlora", "feddpa", "fedex_lora"),  # the newer federated LoRA methods
+    *("pfedlora", "local", "fedavg"),  # model-heterogeneous
+]
 
 
 def test_pf2lora_methods_lists_every_method_with_its_line(capsys):

@@ -393,3 +393,30 @@ def test_every_lora_method_and_hypergradient_trains_and_evaluates_qa(tiny_model_
         for metrics in result[row.algorithm]["clients"].values():
             assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
             assert np.isfinite(metrics["loss"])
+
+
+@pytest.mark.integration
+def test_the_newer_lora_methods_answer_questions(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """FedSA-LoRA, FFA-LoRA, FlexLoRA, FedDPA and FedEx-LoRA on the QA task (the local engine; the
+    engines are task-blind and test_flower checks them on Flower)."""
+    newer = ["fedsa_lora", "ffa_lora", "flexlora", "feddpa", "fedex_lora"]
+    path = _write(tmp_path / "squad.json", [_article(f"title{t}", 6, seed=t) for t in range(4)])
+    args = [
+        f"model.name={tiny_model_dir}",
+        "task.name=qa",
+        "data.dataset=file",
+        f"data.path={path}",
+        "model.max_length=32",
+        "task.stride=8",
+        "data.num_clients=2",
+        "train.rounds=1",
+        *TINY_TRAIN,
+        "flexlora.r_min=2",
+        "flexlora.r_max=4",
+        f"algorithms=[{','.join(newer)}]",
+    ]
+    assert main(["run", *args, "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for method in newer:
+        assert results[method]["metric_names"] == ["f1", "exact_match"]
+        assert all(0 <= m["f1"] <= 100 for m in results[method]["clients"].values()), method

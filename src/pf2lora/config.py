@@ -20,7 +20,7 @@ import yaml
 HESSIANS = ("first_order", "exact", "finite_difference")
 PFEDLORA_OBJECTIVES = ("separate", "combined")
 HYPERGRADIENTS = ("exact", "finite_difference", "first_order", "joint")
-PER_METHOD_SECTIONS = ("lora", "train", "hetlora", "perfedavg", "pfedlora")
+PER_METHOD_SECTIONS = ("lora", "train", "hetlora", "perfedavg", "pfedlora", "flexlora", "feddpa")
 ENGINES = ("local", "flower")
 PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid", "classes")
 TASKS = ("classification", "qa", "generation")  # one module each under pf2lora/tasks/
@@ -113,6 +113,35 @@ class HetLoRAConfig:
 
 
 @dataclass
+class FlexLoRAConfig:
+    r_min: int = _help("smallest client rank", 4)
+    r_max: int = _help("largest client rank (the server keeps this many SVD components)", 12)
+    ranks: list[int] | None = _help("explicit rank per client (default: the r_min..r_max formula, as HETLoRA's)", None)
+
+
+@dataclass
+class FedDPAConfig:
+    local_weight: float = _help(
+        "lambda: the local adapter's weight while it trains (and at test time when weighting=fixed)", 0.5
+    )
+    weighting: str = _help(
+        "instance: the weight of each test instance from its similarity to the client's data | fixed", "instance"
+    )
+    max_weight: float = _help("the largest instance weight: a(x) = max_weight * mean cosine similarity", 0.5)
+    instances: int = _help("how many of the client's training examples the similarity is measured against", 5)
+
+    def validate(self) -> None:
+        for key in ("local_weight", "max_weight"):
+            value = getattr(self, key)
+            _check(0.0 <= value <= 1.0, f"feddpa.{key} must be in [0, 1], got {value}")
+        _check(
+            self.weighting in ("instance", "fixed"),
+            f"feddpa.weighting must be instance or fixed, got {self.weighting!r}",
+        )
+        _check(self.instances >= 1, f"feddpa.instances must be >= 1, got {self.instances}")
+
+
+@dataclass
 class PerFedAvgConfig:
     alpha: float = _help("Per-FedAvg's one-step SGD learning rate (inner step and personalisation)", 1e-2)
     hessian: str = _help(
@@ -194,10 +223,12 @@ class ExperimentConfig:
     hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
     perfedavg: PerFedAvgConfig = field(default_factory=PerFedAvgConfig)
     pfedlora: PFedLoRAConfig = field(default_factory=PFedLoRAConfig)
+    flexlora: FlexLoRAConfig = field(default_factory=FlexLoRAConfig)
+    feddpa: FedDPAConfig = field(default_factory=FedDPAConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     per_method: dict[str, Any] = _help(
-        "settings for one method only, e.g. {pf2lora: {train: {lr: 1e-3}}} (sections lora, train, hetlora, "
-        "perfedavg): the paper tunes learning rates per method (its Table 6)",
+        "settings for one method only, e.g. {pf2lora: {train: {lr: 1e-3}}} (sections lora, train and the methods' "
+        "own: hetlora, perfedavg, pfedlora, flexlora, feddpa): the paper tunes learning rates per method (its Table 6)",
         factory=dict,
     )
 
@@ -318,18 +349,12 @@ class ExperimentConfig:
         if self.per_method:
             for method in self.per_method:
                 self.for_method(method)  # every merged config must be valid too
+        _check_ranks("flexlora", self.flexlora.r_min, self.flexlora.r_max, self.flexlora.ranks, d.num_clients)
+        self.feddpa.validate()
         het = self.hetlora
-        _check(het.r_min >= 1, f"hetlora.r_min must be >= 1, got {het.r_min}")
-        _check(het.r_min <= het.r_max, f"hetlora.r_min ({het.r_min}) must not exceed hetlora.r_max ({het.r_max})")
+        _check_ranks("hetlora", het.r_min, het.r_max, het.ranks, d.num_clients)
         _check(0 < het.gamma <= 1, f"hetlora.gamma must be in (0, 1], got {het.gamma}")
         _check(het.penalty >= 0, f"hetlora.penalty must be >= 0, got {het.penalty}")
-        if het.ranks is not None:
-            _check(
-                len(het.ranks) == d.num_clients,
-                f"hetlora.ranks has {len(het.ranks)} entries for {d.num_clients} clients",
-            )
-            bad = [r for r in het.ranks if not het.r_min <= r <= het.r_max]
-            _check(not bad, f"hetlora.ranks {bad} outside [r_min, r_max] = [{het.r_min}, {het.r_max}]")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,6 +369,15 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def _check_ranks(section: str, r_min: int, r_max: int, ranks: list[int] | None, num_clients: int) -> None:
+    _check(r_min >= 1, f"{section}.r_min must be >= 1, got {r_min}")
+    _check(r_min <= r_max, f"{section}.r_min ({r_min}) must not exceed {section}.r_max ({r_max})")
+    if ranks is not None:
+        _check(len(ranks) == num_clients, f"{section}.ranks has {len(ranks)} entries for {num_clients} clients")
+        bad = [r for r in ranks if not r_min <= r <= r_max]
+        _check(not bad, f"{section}.ranks {bad} outside [r_min, r_max] = [{r_min}, {r_max}]")
 
 
 def _check(ok: bool, message: str) -> None:

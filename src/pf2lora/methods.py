@@ -21,7 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pf2lora.algorithms import centralized, hetlora, homlora, perfedavg, pf2lora, pfedlora
+from pf2lora.algorithms import (
+    centralized,
+    feddpa,
+    fedex,
+    fedsa,
+    ffa,
+    flexlora,
+    hetlora,
+    homlora,
+    perfedavg,
+    pf2lora,
+    pfedlora,
+)
 from pf2lora.config import ConfigError, ExperimentConfig
 
 FAMILIES = ("lora", "heterogeneous")
@@ -135,6 +147,38 @@ for _method in (
         centralized.build,
         pooled=True,
         federated=False,
+    ),
+    Method(
+        "fedsa_lora",
+        "lora",
+        "A averaged, B stays on each client (FedSA-LoRA, Guo et al. 2025)",
+        fedsa.build,
+    ),
+    Method(
+        "ffa_lora",
+        "lora",
+        "A frozen at a shared random init, only B trained and averaged (FFA-LoRA, Sun et al. 2024)",
+        ffa.build,
+    ),
+    Method(
+        "flexlora",
+        "lora",
+        "ranks r_min..r_max; the server averages the products B_k A_k, hands out their truncated SVD (Bai et al. 2024)",
+        flexlora.build,
+        settings=("flexlora",),
+    ),
+    Method(
+        "feddpa",
+        "lora",
+        "FedAvg global adapter + local adapter, mixed per test instance by similarity (FedDPA, Yang et al. 2024)",
+        feddpa.build,
+        settings=("feddpa",),
+    ),
+    Method(
+        "fedex_lora",
+        "lora",
+        "A and B averaged, the residual of the products folded into the base weight: exact (Singhal et al. 2025)",
+        fedex.build,
     ),
     Method(
         "pfedlora",

@@ -143,6 +143,7 @@ class Traffic:
 
     def __init__(self) -> None:
         self.received_per_client: dict[str, int] = {}
+        self.sent_per_client: dict[str, int] = {}
         self.total = 0
         self.replies = 0
         self.bytes: list[int] = []
@@ -152,6 +153,7 @@ class Traffic:
         clients = record.get("clients", {})
         for cid, m in clients.items():
             self.received_per_client[str(cid)] = m["parameters_received"]
+            self.sent_per_client[str(cid)] = m["parameters_sent"]
             self.total += m["parameters_received"] + m["parameters_sent"]
             self.replies += 1
         self.bytes.append(sum(m["bytes_sent"] + m["bytes_received"] for m in clients.values()))
@@ -165,8 +167,14 @@ class Traffic:
         }
 
     def received(self) -> int:
-        """Mean over clients of what each received last (the size of the model it trains)."""
+        """Mean over clients of what each received last."""
         values = list(self.received_per_client.values())
+        return round(sum(values) / len(values)) if values else 0
+
+    def sent(self) -> int:
+        """Mean over clients of what each sent last: what it trained of what travels (FedEx-LoRA's
+        clients receive the base weight's residual too, and FFA-LoRA's train B only)."""
+        values = list(self.sent_per_client.values())
         return round(sum(values) / len(values)) if values else 0
 
     def per_client_round(self) -> int:

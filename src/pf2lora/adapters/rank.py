@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pf2lora.adapters.two_level import COMMON, PERSONAL, AdapterLayout, Params
+from pf2lora.adapters.two_level import COMMON, PERSONAL, AdapterLayout, Params, base_delta_name
 
 
 def effective_rank(matrix: Tensor, energy: float = 0.9) -> int:
@@ -23,12 +23,15 @@ def effective_rank(matrix: Tensor, energy: float = 0.9) -> int:
 
 
 def delta_weights(layout: AdapterLayout, params: Params) -> dict[str, Tensor]:
-    """``dW`` of every adapted module, from the common (and, if present, personal) adapters."""
+    """``dW`` of every adapted module, from the common (and, if present, personal) adapters and a
+    change folded into the frozen weight (FedEx-LoRA's residual), where there is one."""
     deltas = {}
     for module in layout.modules:
         delta = level_delta(layout, params, module, COMMON)
         if layout.personal_rank:
             delta = delta + level_delta(layout, params, module, PERSONAL)
+        if base_delta_name(module) in params:
+            delta = delta + params[base_delta_name(module)].double()
         deltas[module] = delta
     return deltas
 

@@ -41,6 +41,12 @@ Batch = Mapping[str, Tensor]
 COMMON, PERSONAL = "common", "personal"  # the two levels' names in a client's tensors
 
 
+def base_delta_name(module: str) -> str:
+    """The name of a dense change of ``module``'s frozen weight, (out, in) whatever the layer's
+    storage (FedEx-LoRA folds its aggregation residual into the base weight through it)."""
+    return f"{module}.base_delta"
+
+
 @dataclass(frozen=True)
 class AdapterLayout:
     """Which named tensors form the common part x and the personal part y of a client's model."""
@@ -52,6 +58,7 @@ class AdapterLayout:
     personal_scaling: float  # s~ = personal_lora_alpha / r~
     head_names: tuple[str, ...]
     head: str  # "shared" (head in x) or "personal" (head in y)
+    fan_in_fan_out: bool = False  # the adapted layers store their weight as (in, out) (GPT-2's Conv1D)
 
     def lora_names(self, level: str) -> list[str]:
         return [f"{m}.lora_{ab}.{level}.weight" for m in self.modules for ab in ("A", "B")]
@@ -161,6 +168,7 @@ class TwoLevelModel:
             personal_scaling=personal_lora_alpha / personal_rank if personal_rank else 0.0,
             head_names=tuple(prefix + n for n in head_names),
             head=head,
+            fan_in_fan_out=transposed,
         )
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -177,16 +185,29 @@ class TwoLevelModel:
                 self._initial[f"{m}.lora_B.{PERSONAL}.weight"] = b[:, rank:].detach().clone()
 
     def peft_params(self, params: Params) -> Params:
-        """The PEFT module's tensors (``lora_A.default`` ...) assembled from a client's A, B, C, D."""
+        """The PEFT module's tensors (``lora_A.default`` ...) assembled from a client's A, B, C, D;
+        a module's ``base_delta`` (where given) added to its frozen weight."""
         lo = self.layout
         out = {n: params[n] for n in lo.head_names}
         for m in lo.modules:
+            delta = params.get(base_delta_name(m))
+            if delta is not None:
+                frozen = self._frozen_weight(m)
+                out[f"{m}.base_layer.weight"] = frozen + (delta.T if lo.fan_in_fan_out else delta).to(frozen.dtype)
             a, b = params[f"{m}.lora_A.{COMMON}.weight"], params[f"{m}.lora_B.{COMMON}.weight"]
             if lo.personal_rank:
                 a = torch.cat([a, params[f"{m}.lora_A.{PERSONAL}.weight"]], 0)
                 b = torch.cat([lo.scaling * b, lo.personal_scaling * params[f"{m}.lora_B.{PERSONAL}.weight"]], 1)
             out[f"{m}.lora_A.default.weight"], out[f"{m}.lora_B.default.weight"] = a, b
         return out
+
+    def _frozen_weight(self, module: str) -> Tensor:
+        return self.model.get_submodule(module).base_layer.weight
+
+    def base_weight(self, module: str) -> Tensor:
+        """``module``'s frozen pretrained weight, (out, in)."""
+        w = self._frozen_weight(module).detach()
+        return w.T if self.layout.fan_in_fan_out else w
 
     @property
     def device(self) -> torch.device:
@@ -224,6 +245,44 @@ class TwoLevelModel:
 
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor:
         return self.task.loss(self.outputs(params, batch), batch, reduction)
+
+    def representation(self, params: Params, batch: Batch) -> Tensor:
+        """One vector per example: the last layer's hidden states at ``params``, averaged over the
+        input's tokens (padding left out, and a causal LM's target tokens where ``labels`` marks
+        them, so that a training pair and a test prompt are represented alike)."""
+        inputs = {k: v for k, v in self.task.model_inputs(batch).items()}
+        out = functional_call(
+            self.model, self.peft_params(params), args=(), kwargs={**inputs, "output_hidden_states": True}, strict=False
+        )
+        hidden = out.hidden_states[-1].float()
+        mask = inputs.get("attention_mask", torch.ones(hidden.shape[:2], device=hidden.device)).float()
+        labels = batch.get("labels")
+        if labels is not None and labels.shape == mask.shape:
+            mask = mask * (labels < 0).float()  # the prompt only (targets are labelled, the rest ignored)
+        return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+    @contextlib.contextmanager
+    def level_weights(self, weights: Tensor):
+        """Within the block, example i's common level is weighted by ``weights[i, 0]`` and its
+        personal level by ``weights[i, 1]`` (FedDPA's instance-wise mixing): the rank-(r + r~)
+        inner product ``[A ; C] u`` of every adapted layer is scaled row by row. A batch ``k`` times
+        as large (beam search) repeats each example's weights ``k`` times."""
+        lo = self.layout
+        split = lo.rank
+
+        def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+            w = weights.to(output.dtype)
+            if output.shape[0] != w.shape[0]:
+                w = w.repeat_interleave(output.shape[0] // w.shape[0], dim=0)
+            scale = torch.cat([w[:, :1].expand(-1, split), w[:, 1:].expand(-1, output.shape[-1] - split)], dim=1)
+            return output * scale.view(scale.shape[0], *([1] * (output.dim() - 2)), -1)
+
+        handles = [self.model.get_submodule(f"{m}.lora_A.default").register_forward_hook(hook) for m in lo.modules]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def generate(self, params: Params, **kwargs: Any) -> Tensor:
         """``generate(**kwargs)`` of the underlying transformers model (beam search, the KV cache)

@@ -127,3 +127,8 @@ class ClientAlgorithm(ABC):
     def effective_ranks(self, instruction: Instruction, state: ClientState) -> dict[str, int]:
         """Effective rank per adapted module of this client's model (empty if not applicable)."""
         return {}
+
+    def exported(self, instruction: Instruction, state: ClientState) -> Params:
+        """The tensors of the model this client keeps as a stock adapter: what it evaluates
+        (``instruction``, from :meth:`personalize`) with its personal part."""
+        return {**instruction.params, **state.get("personal", {})}

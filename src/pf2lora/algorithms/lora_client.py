@@ -138,3 +138,52 @@ class LoRAClient(ClientAlgorithm):
 
     def effective_ranks(self, instruction: Instruction, state: ClientState) -> dict[str, int]:
         return effective_ranks(self.model.layout, {**instruction.params, **self.personal(state)})
+
+
+class SplitLoRAClient(LoRAClient):
+    """A client that trains more, or less, than what it receives, with one AdamW.
+
+    Of the received tensors, those :meth:`held` are used but not trained this round (FedEx-LoRA's
+    base-weight residual); its personal tensors (``state["personal"]``) are trained beside the
+    rest and stay here (FedSA-LoRA's B); ``constants`` are tensors every client holds from the
+    start and never trains nor sends (FFA-LoRA's A). What goes back is the received, trained part.
+    """
+
+    def __init__(self, model: AdapterModel, train: TrainConfig, seed: int = 0, constants: Params | None = None) -> None:
+        super().__init__(model, train, seed)
+        self.constants = clone_params(constants or {})
+
+    def held(self, name: str) -> bool:
+        """Whether the received tensor ``name`` is used as is, not trained."""
+        return False
+
+    def begin_round(self, instruction: Instruction, x: dict[str, Tensor], state: ClientState) -> ClientState:
+        held = {k: x.pop(k).detach() for k in sorted(x) if self.held(k)}
+        state["round"] = {"held": held, "sent": sorted(x)}
+        x.update(self.leaves(self.personal(state)))  # trained beside the rest by the same AdamW
+        return state
+
+    def params(self, x: dict[str, Tensor], state: ClientState) -> Params:
+        """Every tensor the model is evaluated at this round."""
+        return {**self.constants, **state["round"]["held"], **x}
+
+    def local_step(self, client_id: int, x: dict[str, Tensor], state: ClientState, data: ClientData) -> float:
+        loss = self.model.loss(self.params(x, state), self.next_batch(client_id, state, data, self.cfg.batch_size))
+        loss.backward()
+        return loss.item()
+
+    def end_round(
+        self, instruction: Instruction, x: dict[str, Tensor], state: ClientState
+    ) -> tuple[Params, dict[str, float]]:
+        sent = set(state.pop("round")["sent"])
+        if self.personal(state):
+            state["personal"] = {k: x[k].detach().clone() for k in x if k not in sent}
+        return {k: x[k].detach().clone() for k in sorted(sent)}, {}
+
+    def personalize(
+        self, client_id: int, instruction: Instruction, state: ClientState, train_data: ClientData | None
+    ) -> Instruction:
+        """The model this client evaluates holds the constants too."""
+        if not self.constants:
+            return instruction
+        return Instruction({**self.constants, **instruction.params}, instruction.config)

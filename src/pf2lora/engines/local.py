@@ -20,6 +20,7 @@ from pf2lora.algorithms.base import (
     ClientData,
     ClientState,
     Instruction,
+    Params,
     ServerAlgorithm,
     TrainResult,
 )
@@ -36,7 +37,7 @@ Evaluation = tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]
 
 
 def save_client(
-    out: Path, name: str, cid: int, state: ClientState, view: Instruction, exporter: PeftExporter | None
+    out: Path, name: str, cid: int, state: ClientState, exported: Params, exporter: PeftExporter | None
 ) -> None:
     """What stays with client ``cid`` after method ``name``: its own parameters
     (``checkpoints/<name>/{personal,adapter}_client<cid>.safetensors``) and, for the LoRA methods,
@@ -48,7 +49,7 @@ def save_client(
             own = {k: v.contiguous() for k, v in state[key].items()}
             save_file(own, str(folder / f"{key}_client{cid}.safetensors"))
     if exporter is not None:
-        exporter.save({**view.params, **state.get("personal", {})}, out / "adapters" / name / f"client{cid}")
+        exporter.save(exported, out / "adapters" / name / f"client{cid}")
 
 
 class Site:
@@ -186,7 +187,8 @@ class LocalEngine:
         exporter = make_exporter()
         for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
             state = self.state(cid)
-            save_client(out, name, cid, state, self.client_view(cid, instruction, state), exporter)
+            view = self.client_view(cid, instruction, state)
+            save_client(out, name, cid, state, self.client.exported(view, state), exporter)
 
     def run(self, rounds: int, eval_every: int = 0, on_round: Callable[[Record], None] | None = None) -> Evaluation:
         """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (``rounds`` = 0:

@@ -58,8 +58,8 @@ class Prepared:
         return {
             "task": self.task.name,
             "metric_names": list(self.task.metrics),  # the first is the primary one
-            # what one client trains: what it receives (its own rank for HETLoRA) plus its personal part
-            "trainable_parameters": numel(built.server.global_params) if pooled else traffic.received() + personal,
+            # what one client trains: what it sends back (its own rank for HETLoRA) plus its personal part
+            "trainable_parameters": numel(built.server.global_params) if pooled else traffic.sent() + personal,
         }
 
     def summary(self, results: dict[str, Any]) -> dict[str, Any]:

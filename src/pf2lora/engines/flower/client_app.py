@@ -207,5 +207,5 @@ def save(msg: Message, context: Context) -> Message:
     _, exporter = exp.client(name)
     state = site.state(cid)
     view = site.view(cid, _instruction(msg), exp.data(cid)[0], state)
-    save_client(folder, name, cid, state, view, exporter())
+    save_client(folder, name, cid, state, site.client.exported(view, state), exporter())
     return Message(RecordDict({"config": encode_config({"saved": str(folder)})}), reply_to=msg)
