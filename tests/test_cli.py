@@ -132,3 +132,10 @@ def test_small_real_run_writes_the_run_directory(tmp_path: Path) -> None:
         "adapters/homlora/client0/adapter_model.safetensors",
     ):
         assert (out / name).is_file(), name
+    # each exported adapter has a real model card (its client's metrics) and the label names
+    card = (out / "adapters" / "pf2lora" / "client1" / "README.md").read_text()
+    assert "More Information Needed" not in card
+    acc = results["pf2lora"]["clients"]["1"]["accuracy"]
+    assert "**Client:** 1 of 2" in card and f"accuracy {acc:.4f}" in card and "bbc_news" in card
+    labels = json.loads((out / "adapters" / "pf2lora" / "client1" / "config.json").read_text())["id2label"]
+    assert list(labels.values()) == ["business", "entertainment", "politics", "sports", "tech"]

@@ -203,6 +203,9 @@ def test_flower_simulation_matches_the_local_engine(tiny_model_dir: Path, tmp_pa
         assert (flower / "client_state" / "pf2lora" / f"client{cid}.pt").is_file()
         assert (flower / "checkpoints" / "pf2lora" / f"personal_client{cid}.safetensors").is_file()
         assert (flower / "adapters" / "hetlora" / f"client{cid}" / "adapter_model.safetensors").is_file()
+        # each client wrote its adapter's model card on its own disk, with its final metrics
+        card = (flower / "adapters" / "fedsa_lora" / f"client{cid}" / "README.md").read_text()
+        assert f"accuracy {b['fedsa_lora']['clients'][str(cid)]['accuracy']:.4f}" in card
     # bytes per round come from the messages: the same payloads both ways as the audit log saw them
     rounds = [json.loads(line) for line in (flower / "metrics.jsonl").read_text().splitlines()]
     audit = [json.loads(line) for line in (flower / "messages.jsonl").read_text().splitlines()]

@@ -49,6 +49,7 @@ class Method:
     pooled: bool = False  # trains on every client's data pooled (one "client")
     federated: bool = True  # can run on a federation (engine=flower)
     check: Callable[[ExperimentConfig], None] | None = None  # its own checks, ConfigError on bad input
+    export_note: str = ""  # what a client's exported stock adapter does not reproduce (its model card says it)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum() or self.name != self.name.lower():
@@ -173,6 +174,10 @@ for _method in (
         "FedAvg global adapter + local adapter, mixed per test instance by similarity (FedDPA, Yang et al. 2024)",
         feddpa.build,
         settings=("feddpa",),
+        export_note=(
+            "FedDPA weights the local adapter per test instance; a stock adapter cannot. This adapter is "
+            "the model at the training weight (feddpa.local_weight): global B scaled by 1 - lambda, local B by lambda."
+        ),
     ),
     Method(
         "fedex_lora",

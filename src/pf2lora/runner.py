@@ -84,7 +84,12 @@ class Engine(Protocol):
     def personal_parameters(self) -> dict[int, int]: ...
 
     def save_clients(
-        self, out: Path, name: str, make_exporter: Callable[[], PeftExporter | None], server_round: int
+        self,
+        out: Path,
+        name: str,
+        make_exporter: Callable[[], PeftExporter | None],
+        server_round: int,
+        metrics: dict[int, dict[str, float]] | None = None,
     ) -> None: ...
 
 
@@ -127,7 +132,7 @@ def run(
                 "seconds": round(time.perf_counter() - started, 2),
             }
             save_common(out / "checkpoints" / name, built.server.global_params)
-            engine.save_clients(out, name, built.exporter, mcfg.train.rounds)
+            engine.save_clients(out, name, built.exporter, mcfg.train.rounds, per_client)
             del engine, built
     results.update(prepared.summary(results))
     (out / "results.json").write_text(json.dumps(results, indent=2))

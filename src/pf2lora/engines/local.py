@@ -37,11 +37,19 @@ Evaluation = tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]
 
 
 def save_client(
-    out: Path, name: str, cid: int, state: ClientState, exported: Params, exporter: PeftExporter | None
+    out: Path,
+    name: str,
+    cid: int,
+    state: ClientState,
+    exported: Params,
+    exporter: PeftExporter | None,
+    num_clients: int = 1,
+    metrics: dict[str, float] | None = None,
 ) -> None:
     """What stays with client ``cid`` after method ``name``: its own parameters
     (``checkpoints/<name>/{personal,adapter}_client<cid>.safetensors``) and, for the LoRA methods,
-    the model it evaluates as one stock PEFT adapter (``adapters/<name>/client<cid>``)."""
+    the model it evaluates as one stock PEFT adapter (``adapters/<name>/client<cid>``) with its
+    model card (``metrics``: its final test metrics)."""
     folder = out / "checkpoints" / name
     for key in ("personal", "adapter"):  # pFedLoRA keeps its own adapter as well
         if state.get(key):
@@ -49,7 +57,7 @@ def save_client(
             own = {k: v.contiguous() for k, v in state[key].items()}
             save_file(own, str(folder / f"{key}_client{cid}.safetensors"))
     if exporter is not None:
-        exporter.save(exported, out / "adapters" / name / f"client{cid}")
+        exporter.save(exported, out / "adapters" / name / f"client{cid}", cid, num_clients, metrics)
 
 
 class Site:
@@ -181,14 +189,21 @@ class LocalEngine:
         return {cid: numel(self.state(cid).get("personal", {})) for cid in self.client_ids}
 
     def save_clients(
-        self, out: Path, name: str, make_exporter: Callable[[], PeftExporter | None], server_round: int
+        self,
+        out: Path,
+        name: str,
+        make_exporter: Callable[[], PeftExporter | None],
+        server_round: int,
+        metrics: dict[int, dict[str, float]] | None = None,
     ) -> None:
-        """Every client's own parameters and exported adapter under ``out`` (see :func:`save_client`)."""
-        exporter = make_exporter()
+        """Every client's own parameters and exported adapter under ``out`` (see :func:`save_client`);
+        ``metrics``: each client's final test metrics, for its model card."""
+        exporter, metrics = make_exporter(), metrics or {}
         for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
             state = self.state(cid)
             view = self.client_view(cid, instruction, state)
-            save_client(out, name, cid, state, self.client.exported(view, state), exporter)
+            exported = self.client.exported(view, state)
+            save_client(out, name, cid, state, exported, exporter, len(self.client_ids), metrics.get(cid))
 
     def run(self, rounds: int, eval_every: int = 0, on_round: Callable[[Record], None] | None = None) -> Evaluation:
         """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (``rounds`` = 0:

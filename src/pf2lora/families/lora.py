@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from pf2lora.adapters.export import PeftExporter
+from pf2lora.adapters.export import Card, PeftExporter
 from pf2lora.adapters.two_level import AdapterLayout, find_target_modules
 from pf2lora.config import ExperimentConfig
 from pf2lora.data.text import FederatedData
 from pf2lora.families import Built, check_runtime, model_device
 from pf2lora.methods import get
-from pf2lora.models import load_tokenizer
+from pf2lora.models import load_kwargs, load_tokenizer, resolve
 from pf2lora.tasks import Task, task_class
 from pf2lora.utils import numel, stable_seed
 
@@ -49,7 +49,7 @@ class Prepared:
     def build(self, name: str, cfg: ExperimentConfig) -> Built:
         server, client, model = get(name).build(cfg, self.base_model(), self.task)
         # built only where clients' adapters are exported here (the local engine; on Flower each client does)
-        exporter = partial(_peft_exporter, self, model.layout, cfg.lora.target_modules)
+        exporter = partial(_peft_exporter, self, name, cfg, model.layout)
         return Built(server, client, exporter)
 
     def result(self, name: str, built: Built, engine: Any, traffic: Any) -> dict[str, Any]:
@@ -87,5 +87,31 @@ def prepare(cfg: ExperimentConfig, reuse: Prepared | None = None) -> Prepared:
     return prepared
 
 
-def _peft_exporter(prepared: Prepared, layout: AdapterLayout, targets: list[str]) -> PeftExporter:
-    return PeftExporter(prepared.base_model(), layout, targets, prepared.task.peft_task_type)
+def _peft_exporter(prepared: Prepared, name: str, cfg: ExperimentConfig, layout: AdapterLayout) -> PeftExporter:
+    method, d, t = get(name), cfg.data, cfg.train
+    split = {
+        "heterogeneity": f"heterogeneity h = {d.heterogeneity}",
+        "dirichlet": f"Dirichlet alpha = {d.dirichlet_alpha}",
+        "classes": f"{d.classes_per_client} classes per client",
+        "key": f"by {d.key_column or 'the dataset key column'}",
+        "iid": "iid",
+    }.get(d.partition, d.partition)
+    card = Card(
+        method=name,
+        description=method.description,
+        task=prepared.task.name,
+        base_model=str(resolve(cfg.model.name)),
+        model_name=cfg.model.name,
+        base_kwargs=load_kwargs(cfg.model.name),
+        data=d.dataset + (f" ({d.path})" if d.path else ""),
+        partition=f"{d.num_clients} clients, {split}, seed {cfg.seed}",
+        training=(
+            f"{t.rounds} round{'s' * (t.rounds != 1)} x {t.local_steps} local steps, batch {t.batch_size}, "
+            f"learning rate {t.lr:g}"
+        ),
+        config=cfg.to_dict(),
+        metric_names=list(prepared.task.metrics),
+        label_names=list(prepared.data.label_names) if prepared.task.name == "classification" else [],
+        note=method.export_note,
+    )
+    return PeftExporter(prepared.base_model(), layout, cfg.lora.target_modules, prepared.task.peft_task_type, card)

@@ -32,6 +32,7 @@ from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ClientState, Instruction
 from pf2lora.config import ExperimentConfig, from_dict
 from pf2lora.engines.flower.records import (
+    METRIC,
     decode_params,
     decode_state,
     encode_config,
@@ -206,6 +207,9 @@ def save(msg: Message, context: Context) -> Message:
     exp, cid, name, site, folder = _session(msg, context)
     _, exporter = exp.client(name)
     state = site.state(cid)
-    view = site.view(cid, _instruction(msg), exp.data(cid)[0], state)
-    save_client(folder, name, cid, state, site.client.exported(view, state), exporter())
+    instruction = _instruction(msg)
+    metrics = {k[len(METRIC) :]: float(v) for k, v in instruction.config.items() if k.startswith(METRIC)}
+    view = site.view(cid, instruction, exp.data(cid)[0], state)
+    exported = site.client.exported(view, state)
+    save_client(folder, name, cid, state, exported, exporter(), exp.cfg.data.num_clients, metrics or None)
     return Message(RecordDict({"config": encode_config({"saved": str(folder)})}), reply_to=msg)

@@ -24,6 +24,8 @@ from pf2lora.engines.states import pack, unpack
 
 _RAW = "torch-raw"  # our stype for dtypes NumPy cannot hold (bfloat16)
 
+METRIC = "metric."  # prefix of a client's final metrics in the save query's config (for its model card)
+
 
 def _array(tensor: torch.Tensor) -> Array:
     tensor = tensor.detach().contiguous().cpu()

@@ -29,7 +29,7 @@ from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, Instruction, ServerAlgorithm, TrainResult
 from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.config import ConfigError, ExperimentConfig, load_config
-from pf2lora.engines.flower.records import decode_params, encode_config, encode_params, message_bytes
+from pf2lora.engines.flower.records import METRIC, decode_params, encode_config, encode_params, message_bytes
 from pf2lora.runner import prepare, run
 from pf2lora.utils import numel
 
@@ -170,11 +170,21 @@ class FlowerEngine:
         return dict(self._personal)
 
     def save_clients(
-        self, out: Path, name: str, make_exporter: Callable[[], PeftExporter | None], server_round: int
+        self,
+        out: Path,
+        name: str,
+        make_exporter: Callable[[], PeftExporter | None],
+        server_round: int,
+        metrics: dict[int, dict[str, float]] | None = None,
     ) -> None:
         """Each client writes its own parameters and exported adapter on its own disk (the server never
-        holds them, and never builds an exporter); ``out`` and ``make_exporter`` serve the local engine."""
+        holds them, and never builds an exporter); ``out`` and ``make_exporter`` serve the local engine.
+        Each client is told its final metrics, for its adapter's model card."""
         instructions = self.server.configure_evaluate(server_round, self.client_ids)
+        for cid, metric in (metrics or {}).items():
+            if cid in instructions:
+                extra = {f"{METRIC}{k}": float(v) for k, v in metric.items()}
+                instructions[cid] = Instruction(instructions[cid].params, {**instructions[cid].config, **extra})
         self._exchange("query.save", server_round, instructions)
 
 
