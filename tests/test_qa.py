@@ -308,23 +308,26 @@ def test_a_model_without_a_span_head_is_refused(tmp_path: Path) -> None:
 LORA_METHODS = ["pf2lora", "homlora"]  # the engines are method-blind; test_flower covers every method
 
 
-@pytest.mark.integration
-def test_tiny_qa_run_on_both_engines_agrees(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Prepare: 6 articles, 2 clients, every LoRA method
-    path = _write(tmp_path / "squad.json", [_article(f"title{t}", 6, seed=t) for t in range(6)])
-    common = [
-        f"model.name={tiny_model_dir}",
+def _tiny_qa_args(model_dir: Path, path: Path, methods: list[str]) -> list[str]:
+    """A tiny QA run: the tiny BERT, SQuAD-style articles at ``path``, 2 clients, ``methods``."""
+    return [
+        f"model.name={model_dir}",
         "task.name=qa",
         "data.dataset=file",
         f"data.path={path}",
         "model.max_length=32",
         "task.stride=8",
         "data.num_clients=2",
-        "data.heterogeneity=0.5",
-        "train.rounds=2",
         *TINY_TRAIN,
-        f"algorithms=[{','.join(LORA_METHODS)}]",
+        f"algorithms=[{','.join(methods)}]",
     ]
+
+
+@pytest.mark.integration
+def test_tiny_qa_run_on_both_engines_agrees(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: 6 articles, 2 clients, every LoRA method
+    path = _write(tmp_path / "squad.json", [_article(f"title{t}", 6, seed=t) for t in range(6)])
+    common = [*_tiny_qa_args(tiny_model_dir, path, LORA_METHODS), "data.heterogeneity=0.5", "train.rounds=2"]
     local, flower = tmp_path / "local", tmp_path / "flower"
     # Execute
     assert main(["run", *common, "--out", str(local), "--quiet"]) == 0
@@ -401,20 +404,7 @@ def test_the_newer_lora_methods_answer_questions(tiny_model_dir: Path, tmp_path:
     engines are task-blind and test_flower checks them on Flower)."""
     newer = ["fedsa_lora", "ffa_lora", "flexlora", "feddpa", "fedex_lora"]
     path = _write(tmp_path / "squad.json", [_article(f"title{t}", 6, seed=t) for t in range(4)])
-    args = [
-        f"model.name={tiny_model_dir}",
-        "task.name=qa",
-        "data.dataset=file",
-        f"data.path={path}",
-        "model.max_length=32",
-        "task.stride=8",
-        "data.num_clients=2",
-        "train.rounds=1",
-        *TINY_TRAIN,
-        "flexlora.r_min=2",
-        "flexlora.r_max=4",
-        f"algorithms=[{','.join(newer)}]",
-    ]
+    args = [*_tiny_qa_args(tiny_model_dir, path, newer), "train.rounds=1", "flexlora.r_min=2", "flexlora.r_max=4"]
     assert main(["run", *args, "--out", str(tmp_path / "out"), "--quiet"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     for method in newer:

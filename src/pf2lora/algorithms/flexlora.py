@@ -25,15 +25,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pf2lora.adapters.two_level import COMMON, AdapterLayout, TwoLevelModel
-from pf2lora.algorithms.base import Instruction, Params, ServerAlgorithm, TrainResult
-from pf2lora.algorithms.fedavg import sample_clients
-from pf2lora.algorithms.hetlora import initial_ranks, truncate
+from pf2lora.adapters.two_level import COMMON, TwoLevelModel
+from pf2lora.algorithms.base import TrainResult
+from pf2lora.algorithms.hetlora import RankedServer, initial_ranks
 from pf2lora.algorithms.homlora import HomLoRAClient
 from pf2lora.algorithms.lora_client import lora_model
 from pf2lora.config import ExperimentConfig
 from pf2lora.tasks.base import Task
-from pf2lora.utils import clone_params, weighted_average
+from pf2lora.utils import weighted_average
 
 
 def redistribute(update: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -47,31 +46,8 @@ def redistribute(update: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return b, a
 
 
-class FlexLoRAServer(ServerAlgorithm):
+class FlexLoRAServer(RankedServer):
     """The leading r_max SVD components of the averaged update; each client's rank of them."""
-
-    def __init__(
-        self, initial: Params, layout: AdapterLayout, ranks: list[int], client_fraction: float = 1.0, seed: int = 0
-    ) -> None:
-        self._params = clone_params(initial)
-        self.layout, self.r_max = layout, layout.rank
-        self.ranks = dict(enumerate(ranks))
-        self.client_fraction, self.seed = client_fraction, seed
-
-    @property
-    def global_params(self) -> Params:
-        return self._params
-
-    def _instruction(self, cid: int, server_round: int) -> Instruction:
-        rank = self.ranks[cid]
-        return Instruction(truncate(self._params, rank), {"server_round": server_round, "rank": rank})
-
-    def configure_train(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]:
-        chosen = sample_clients(client_ids, self.client_fraction, self.seed, "clients", server_round)
-        return {cid: self._instruction(cid, server_round) for cid in chosen}
-
-    def configure_evaluate(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]:
-        return {cid: self._instruction(cid, server_round) for cid in client_ids}
 
     def aggregate_train(self, server_round: int, results: dict[int, TrainResult]) -> None:
         if not results:

@@ -89,8 +89,8 @@ def update_norm(params: Params, layout: AdapterLayout) -> float:
     return math.sqrt(total)
 
 
-class HetLoRAServer(ServerAlgorithm):
-    """Global adapter of rank r_max; a payload of its own rank for every client."""
+class RankedServer(ServerAlgorithm):
+    """A global adapter of rank r_max; each client gets its own leading rank of it (HETLoRA, FlexLoRA)."""
 
     def __init__(
         self,
@@ -118,6 +118,13 @@ class HetLoRAServer(ServerAlgorithm):
         chosen = sample_clients(client_ids, self.client_fraction, self.seed, "clients", server_round)
         return {cid: self._instruction(cid, server_round) for cid in chosen}
 
+    def configure_evaluate(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]:
+        return {cid: self._instruction(cid, server_round) for cid in client_ids}
+
+
+class HetLoRAServer(RankedServer):
+    """Sparsity-weighted averaging of the zero-padded replies; clients' pruned ranks kept."""
+
     def aggregate_train(self, server_round: int, results: dict[int, TrainResult]) -> None:
         if not results:
             return
@@ -131,9 +138,6 @@ class HetLoRAServer(ServerAlgorithm):
         merged = weighted_average([{k: p[k] for k in lora} for p in padded], weights)
         heads = weighted_average([{k: p[k] for k in p if k not in lora} for p in padded], [1.0] * len(cids))
         self._params = {**merged, **heads}
-
-    def configure_evaluate(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]:
-        return {cid: self._instruction(cid, server_round) for cid in client_ids}
 
 
 class HetLoRAClient(LoRAClient):
