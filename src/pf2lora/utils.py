@@ -41,6 +41,14 @@ def weighted_average(dicts: Iterable[Mapping[str, Tensor]], weights: Iterable[fl
     return out
 
 
+def average_product(dicts: Iterable[Mapping[str, Tensor]], weights: Iterable[float], b: str, a: str) -> Tensor:
+    """``sum_k w_k d_k[b] @ d_k[a]`` in float64, the weights normalised to sum to one (the average
+    of clients' LoRA updates ``B_k A_k``, whatever their ranks)."""
+    dicts, weights = list(dicts), [float(w) for w in weights]
+    total = sum(weights)
+    return sum((w / total) * (d[b].double() @ d[a].double()) for d, w in zip(dicts, weights, strict=True))
+
+
 def numel(params: Mapping[str, Tensor]) -> int:
     """Number of elements over all tensors of a parameter dict."""
     return sum(t.numel() for t in params.values())

@@ -47,12 +47,15 @@ class FedAvgServer(ServerAlgorithm):
         chosen = sample_clients(client_ids, self.client_fraction, self.seed, "clients", server_round)
         return {cid: Instruction(self._params, {"server_round": server_round}) for cid in chosen}
 
+    def weights(self, replies: list[TrainResult]) -> list[float]:
+        """Each reply's weight: 1 (uniform) or its number of training examples (weighted)."""
+        return [r.num_examples if self.aggregation == "weighted" else 1.0 for r in replies]
+
     def aggregate_train(self, server_round: int, results: dict[int, TrainResult]) -> None:
         if not results:
             return
         replies = [results[cid] for cid in sorted(results)]
-        weights = [r.num_examples if self.aggregation == "weighted" else 1.0 for r in replies]
-        self._params = weighted_average([r.params for r in replies], weights)
+        self._params = weighted_average([r.params for r in replies], self.weights(replies))
 
     def configure_evaluate(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]:
         return {cid: Instruction(self._params, {"server_round": server_round}) for cid in client_ids}

@@ -91,9 +91,7 @@ class FedDPAClient(LoRAClient):
         state = dict(state)
         fixed = {k: v.detach() for k, v in instruction.params.items()}
         y = self.leaves(state["personal"])
-        opt = torch.optim.AdamW([y[k] for k in sorted(y)], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        if state.get("local_optimizer") is not None and not self.cfg.reset_optimizer:
-            opt.load_state_dict(state["local_optimizer"])
+        opt = self.optimizer(y, {"optimizer": state.get("local_optimizer")})  # the local adapter's own moments
         for _ in range(self.cfg.local_steps):
             batch = self.next_batch(client_id, state, data, self.cfg.batch_size)
             self.model.loss(mixed({**fixed, **y}, self.dpa.local_weight), batch).backward()

@@ -27,7 +27,7 @@ from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import SplitLoRAClient, lora_model
 from pf2lora.config import ExperimentConfig
 from pf2lora.tasks.base import Task
-from pf2lora.utils import weighted_average
+from pf2lora.utils import average_product, weighted_average
 
 
 def is_residual(name: str) -> bool:
@@ -46,17 +46,14 @@ class FedExLoRAServer(FedAvgServer):
         if not results:
             return
         replies = [results[cid] for cid in sorted(results)]
-        weights = [r.num_examples if self.aggregation == "weighted" else 1.0 for r in replies]
-        total = sum(weights)
+        weights = self.weights(replies)
         averaged = weighted_average([r.params for r in replies], weights)
         new = dict(self._params)
         new.update(averaged)
         s = self.layout.scaling
         for m in self.layout.modules:
             a, b = f"{m}.lora_A.{COMMON}.weight", f"{m}.lora_B.{COMMON}.weight"
-            products = sum(
-                (w / total) * (r.params[b].double() @ r.params[a].double()) for r, w in zip(replies, weights)
-            )
+            products = average_product([r.params for r in replies], weights, b, a)
             residual = s * (products - averaged[b].double() @ averaged[a].double())
             name = base_delta_name(m)
             new[name] = (self._params[name].double() + residual).to(self._params[name].dtype)

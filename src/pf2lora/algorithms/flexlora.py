@@ -32,7 +32,7 @@ from pf2lora.algorithms.homlora import HomLoRAClient
 from pf2lora.algorithms.lora_client import lora_model
 from pf2lora.config import ExperimentConfig
 from pf2lora.tasks.base import Task
-from pf2lora.utils import weighted_average
+from pf2lora.utils import average_product, weighted_average
 
 
 def redistribute(update: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -54,12 +54,11 @@ class FlexLoRAServer(RankedServer):
             return
         replies = [results[cid] for cid in sorted(results)]
         weights = [float(r.num_examples) for r in replies]
-        total = sum(weights)
         lora = {k for k in replies[0].params if ".lora_" in k}
         new = weighted_average([{k: v for k, v in r.params.items() if k not in lora} for r in replies], weights)
         for m in self.layout.modules:
             a, b = f"{m}.lora_A.{COMMON}.weight", f"{m}.lora_B.{COMMON}.weight"
-            update = sum((w / total) * (r.params[b].double() @ r.params[a].double()) for r, w in zip(replies, weights))
+            update = average_product([r.params for r in replies], weights, b, a)
             new_b, new_a = redistribute(update, self.r_max)
             new[b], new[a] = new_b.to(self._params[b].dtype), new_a.to(self._params[a].dtype)
         self._params = new
