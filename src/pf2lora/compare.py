@@ -352,16 +352,19 @@ def _execute_parallel(
 
 def _run_in_worker(cfg_dict: dict[str, Any], folder: str, threads: int) -> float:
     """One run of the grid in a worker process; returns its seconds."""
+    import os
     import warnings
 
     import torch
 
     from pf2lora.config import from_dict
+    from pf2lora.parallelism import CORES_ENV
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # as the CLI does
     from pf2lora.api import prepare, run_on_engine
 
     started = time.perf_counter()
+    os.environ[CORES_ENV] = str(threads)  # this run's share of the cores (its local engine's workers)
     cfg = from_dict(ExperimentConfig, cfg_dict).validate()
     if not cfg.train.threads:
         torch.set_num_threads(threads)

@@ -190,7 +190,17 @@ class TrainConfig:
     client_fraction: float = _help("fraction of clients sampled each round", 1.0)
     eval_every: int = _help("evaluate every N rounds (0: only after the last round)", 0)
     eval_batch_size: int = _help("batch size for evaluation", 64)
-    threads: int | None = _help("torch CPU threads (None: torch's default)", None)
+    threads: int | None = _help(
+        "torch CPU threads per worker process (None: the cores shared between the workers; torch's "
+        "default where clients train in this process)",
+        None,
+    )
+    workers: int | None = _help(
+        "local engine: processes that train a round's clients side by side, sharing the frozen base "
+        "model (None: the machine's cores / threads, at most a round's clients; 1: one after another "
+        "in this process, the default until the parallel engine's memory target is met)",
+        1,
+    )
     client_state: str = _help("memory | disk: where the engine keeps clients' personal state", "memory")
     compression: str = _help("none | fp16 | bf16: the dtype of the adapters that travel", "none")
 
@@ -311,6 +321,7 @@ class ExperimentConfig:
         _check(0 < t.client_fraction <= 1, f"train.client_fraction must be in (0, 1], got {t.client_fraction}")
         _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
         _check(t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}")
+        _check(t.workers is None or t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")
         _check(
             t.compression in ("none", "fp16", "bf16"),
             f"train.compression must be none, fp16 or bf16, got {t.compression!r}",

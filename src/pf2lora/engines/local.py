@@ -28,6 +28,8 @@ from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.compression import transmit
 from pf2lora.config import ExperimentConfig
 from pf2lora.engines.states import DiskStates, PackedStates
+from pf2lora.engines.workers import Task, WorkerDied, WorkerPool
+from pf2lora.parallelism import Plan, plan
 from pf2lora.tasks import records_dir
 from pf2lora.utils import numel, release_free_memory
 
@@ -112,18 +114,45 @@ class LocalEngine:
         state_dir: Path | None = None,
         compression: str = "none",
         records: Path | None = None,
+        workers: Plan | None = None,
     ) -> None:
         """``train`` and ``test``: each client's splits. A method that trains on pooled data (centralized)
         passes one training set and is still evaluated on every test split. ``state_dir``: keep client
         states on disk there instead of in memory. ``compression``: none | fp16 | bf16, the dtype of
         what travels each way. ``records``: a folder where the final evaluation writes each client's
-        per-example outputs (``client<k>.jsonl``) for tasks that keep them."""
+        per-example outputs (``client<k>.jsonl``) for tasks that keep them. ``workers``: train and
+        evaluate a round's clients in that many worker processes (:mod:`pf2lora.engines.workers`;
+        None or 1 worker: one after another in this process). Either way a client's state lives here
+        and its results are the same for the same threads per client."""
         self.compression, self.records = compression, records
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
         self.states: MutableMapping[int, ClientState] = DiskStates(state_dir) if state_dir else PackedStates()
         self.site = Site(client, self.states)
         self.on_step = on_step or (lambda: None)
+        self.pool = None
+        if workers is not None and workers.parallel:
+            self.pool = WorkerPool(self._work, workers.workers, workers.threads or 1)
+
+    def _work(self, kind: str, cid: int, instruction: Instruction, state: ClientState, *rest: Any) -> Any:
+        """What a worker process does for client ``cid`` (its data from the splits it inherited)."""
+        site = Site(self.client, {cid: state})
+        if kind == "train":
+            result = site.train(cid, instruction, self.train_data[cid])
+            return result, site.states[cid]
+        (record,) = rest
+        return site.evaluate(cid, instruction, self.test_data[cid], self.own_train(cid), record)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (a later round starts them again)."""
+        if self.pool is not None:
+            self.pool.close()
+
+    def __enter__(self) -> LocalEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def client_ids(self) -> list[int]:
@@ -142,38 +171,85 @@ class LocalEngine:
         return self.train_data[cid] if len(self.train_data) == len(self.test_data) else None
 
     def train_round(self, server_round: int) -> Record:
-        """One communication round: local training on the sampled clients, then aggregation."""
+        """One communication round: local training on the sampled clients, then aggregation of the
+        replies in the order the server asked for them. A client whose worker process died is left
+        out of the aggregate and named under ``failed``."""
         instructions = self.server.configure_train(server_round, self.train_ids)
+        received, down = {}, {}
+        for cid, instruction in instructions.items():
+            params, down[cid] = transmit(instruction.params, self.compression)
+            received[cid] = Instruction(params, instruction.config)
+        replies, failed = self._train(received)
+        if not replies:
+            reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(failed.items()))
+            raise WorkerDied(f"round {server_round}: no client finished its training ({reasons})")
         results, clients = {}, {}
         for cid, instruction in instructions.items():
-            params, down = transmit(instruction.params, self.compression)
-            result = self.site.train(cid, Instruction(params, instruction.config), self.train_data[cid])
+            if cid not in replies:
+                continue
+            result = replies.pop(cid)
             params, up = transmit(result.params, self.compression)
             results[cid] = TrainResult(params, result.num_examples, result.metrics)
             clients[cid] = {
                 **result.metrics,
-                "bytes_received": down,
+                "bytes_received": down[cid],
                 "bytes_sent": up,
                 "parameters_received": numel(instruction.params),
                 "parameters_sent": numel(result.params),
             }
-            self.on_step()
+        del received
         self.server.aggregate_train(server_round, results)
         del results
         release_free_memory()
-        return {"round": server_round, "clients": clients}
+        record: Record = {"round": server_round, "clients": clients}
+        if failed:
+            record["failed"] = failed
+        return record
+
+    def _train(self, received: dict[int, Instruction]) -> tuple[dict[int, TrainResult], dict[int, str]]:
+        """Each client's training on what it received: its reply, and the clients that failed."""
+        replies: dict[int, TrainResult] = {}
+        if self.pool is None:
+            for cid, instruction in received.items():
+                replies[cid] = self.site.train(cid, instruction, self.train_data[cid])
+                self.on_step()
+            return replies, {}
+
+        def done(task: Task, value: tuple[TrainResult, ClientState]) -> None:
+            replies[task.cid], self.states[task.cid] = value
+            self.on_step()
+
+        tasks = (Task("train", cid, (instruction, self.state(cid))) for cid, instruction in received.items())
+        return replies, self.pool.run(tasks, done)
 
     def evaluate(self, server_round: int, final: bool = False) -> Evaluation:
         """Every client on its own test split; its effective rank per adapted module. ``final``: the
         last evaluation, whose per-example outputs are kept under ``records``."""
         metrics, ranks = {}, {}
-        for cid, instruction in self.server.configure_evaluate(server_round, self.client_ids).items():
-            received = self.received(instruction)
-            record = self.records / f"client{cid}.jsonl" if final and self.records is not None else None
-            metrics[cid], ranks[cid] = self.site.evaluate(
-                cid, received, self.test_data[cid], self.own_train(cid), record
-            )
-        return metrics, ranks
+        instructions = self.server.configure_evaluate(server_round, self.client_ids)
+
+        def record(cid: int) -> Path | None:
+            return self.records / f"client{cid}.jsonl" if final and self.records is not None else None
+
+        if self.pool is None:
+            for cid, instruction in instructions.items():
+                own_train = self.own_train(cid)
+                metrics[cid], ranks[cid] = self.site.evaluate(
+                    cid, self.received(instruction), self.test_data[cid], own_train, record(cid)
+                )
+            return metrics, ranks
+
+        def done(task: Task, value: tuple[dict[str, float], dict[str, int]]) -> None:
+            metrics[task.cid], ranks[task.cid] = value
+
+        tasks = (
+            Task("evaluate", cid, (self.received(i), self.state(cid), record(cid))) for cid, i in instructions.items()
+        )
+        failed = self.pool.run(tasks, done)
+        if failed:
+            reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(failed.items()))
+            raise WorkerDied(f"round {server_round}: evaluation failed ({reasons})")
+        return {c: metrics[c] for c in instructions}, {c: ranks[c] for c in instructions}
 
     def client_view(self, cid: int, instruction: Instruction, state: ClientState | None = None) -> Instruction:
         """What client ``cid`` evaluates: the server's evaluation instruction as it arrives, adapted
@@ -208,6 +284,10 @@ class LocalEngine:
     def run(self, rounds: int, eval_every: int = 0, on_round: Callable[[Record], None] | None = None) -> Evaluation:
         """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (``rounds`` = 0:
         evaluate the initial model only). Returns the final per-client metrics and effective ranks."""
+        with self:
+            return self._run(rounds, eval_every, on_round)
+
+    def _run(self, rounds: int, eval_every: int, on_round: Callable[[Record], None] | None) -> Evaluation:
         final: Evaluation = ({}, {})
         if rounds == 0:  # the untrained model: evaluated as the server starts (round 0)
             final = self.evaluate(0, final=True)
@@ -236,9 +316,12 @@ def local_engine(
 ) -> LocalEngine:
     """The in-process engine for method ``name`` of a run (the runner's engine factory): client
     state in memory or under ``out/client_state/<name>``, the configured compression, a progress
-    bar of client-rounds, each client's per-example outputs under ``out``."""
-    steps = cfg.train.rounds * clients_per_round(len(train), cfg.train.client_fraction)
+    bar of client-rounds, each client's per-example outputs under ``out``, a round's clients in
+    ``train.workers`` processes (:func:`~pf2lora.engines.workers.plan`)."""
+    per_round = clients_per_round(len(train), cfg.train.client_fraction)
+    steps = cfg.train.rounds * per_round
     state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
     on_step = progress(name, steps) if progress else None
     records = records_dir(out, cfg.task.name, name)
-    return LocalEngine(server, client, train, test, on_step, state_dir, cfg.train.compression, records)
+    workers = plan(cfg.train.workers, cfg.train.threads, max(per_round, len(test)))
+    return LocalEngine(server, client, train, test, on_step, state_dir, cfg.train.compression, records, workers)

@@ -1,0 +1,116 @@
+"""The local engine with worker processes against one process, on the default experiment's round.
+
+One fresh process per setting: the default experiment (``configs/default.yaml``: BBC News, 4
+clients, 10 local steps of batch 16 at 32 tokens) with PF2LoRA, one warm-up round (it starts the
+workers), then ``rounds`` timed rounds. Reported: clients trained per second, and the peak memory
+of all the engine's processes together, as the sum of their proportional set sizes (PSS: a page
+shared by n processes counts 1/n in each), sampled every 0.2 s. RSS summed over the processes
+would count the shared base model once per worker; PSS counts it once.
+
+    python -m benchmarks.workers 2    # 2 worker processes, the cores shared between them
+    python -m benchmarks.workers 1    # one process (no workers) at every core
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # the process ended
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def tree_pss(pid: int) -> int:
+    """PSS of ``pid`` and every process below it."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += _pss(p)
+        stack += _children(p)
+    return total
+
+
+class PeakMemory:
+    """The largest :func:`tree_pss` of this process while the ``with`` block runs."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        import os
+
+        self.pid, self.every, self.peak = os.getpid(), every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_pss(self.pid))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(workers: int, rounds: int = 3) -> dict[str, float]:
+    import torch
+
+    from pf2lora.config import load_config
+    from pf2lora.engines.local import LocalEngine
+    from pf2lora.parallelism import available_cores, plan
+    from pf2lora.runner import prepare
+
+    cfg = load_config("configs/default.yaml", ["algorithms=[pf2lora]", f"train.workers={workers}"])
+    prepared = prepare(cfg)  # one thread here where workers will be forked
+    cores = available_cores()
+    spread = plan(cfg.train.workers, cfg.train.threads, cfg.data.num_clients, cores)
+    if not spread.parallel:
+        torch.set_num_threads(cores)  # one process: every core
+    built = prepared.build("pf2lora", cfg)
+    data = prepared.data
+    engine = LocalEngine(built.server, built.client, data.train, data.test, workers=spread)
+    with engine:
+        started = time.perf_counter()
+        engine.train_round(1)  # warm-up: starts the workers, first allocations
+        warm_up = time.perf_counter() - started
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            for r in range(2, rounds + 2):
+                engine.train_round(r)
+            seconds = time.perf_counter() - started
+    trained = rounds * cfg.data.num_clients
+    return {
+        "workers": spread.workers,
+        "threads_per_worker": spread.threads or cores,
+        "cores": cores,
+        "warm_up_round_seconds": warm_up,
+        "seconds_per_round": seconds / rounds,
+        "clients_per_second": trained / seconds,
+        "peak_pss_bytes": memory.peak,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
