@@ -28,7 +28,7 @@ from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.compression import transmit
 from pf2lora.config import ExperimentConfig
 from pf2lora.engines.states import DiskStates, PackedStates
-from pf2lora.engines.workers import Task, WorkerDied, WorkerPool
+from pf2lora.engines.workers import Task, WorkerDied, WorkerPool, failure_reasons
 from pf2lora.parallelism import Plan, plan
 from pf2lora.tasks import records_dir
 from pf2lora.utils import numel, release_free_memory
@@ -121,8 +121,8 @@ class LocalEngine:
         states on disk there instead of in memory. ``compression``: none | fp16 | bf16, the dtype of
         what travels each way. ``records``: a folder where the final evaluation writes each client's
         per-example outputs (``client<k>.jsonl``) for tasks that keep them. ``workers``: train and
-        evaluate a round's clients in that many worker processes (:mod:`pf2lora.engines.workers`;
-        None or 1 worker: one after another in this process). Either way a client's state lives here
+        evaluate a round's clients in the worker processes this plan names (:mod:`pf2lora.engines.workers`;
+        None or a plan of 0 workers: one after another in this process). Either way a client's state lives here
         and its results are the same for the same threads per client."""
         self.compression, self.records = compression, records
         self.server, self.client = server, client
@@ -181,8 +181,7 @@ class LocalEngine:
             received[cid] = Instruction(params, instruction.config)
         replies, failed = self._train(received)
         if not replies:
-            reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(failed.items()))
-            raise WorkerDied(f"round {server_round}: no client finished its training ({reasons})")
+            raise WorkerDied(f"round {server_round}: no client finished its training ({failure_reasons(failed)})")
         results, clients = {}, {}
         for cid, instruction in instructions.items():
             if cid not in replies:
@@ -247,8 +246,7 @@ class LocalEngine:
         )
         failed = self.pool.run(tasks, done)
         if failed:
-            reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(failed.items()))
-            raise WorkerDied(f"round {server_round}: evaluation failed ({reasons})")
+            raise WorkerDied(f"round {server_round}: evaluation failed ({failure_reasons(failed)})")
         return {c: metrics[c] for c in instructions}, {c: ranks[c] for c in instructions}
 
     def client_view(self, cid: int, instruction: Instruction, state: ClientState | None = None) -> Instruction:

@@ -15,7 +15,8 @@ killed worker leaves no shared-memory segment behind.
 
 One constraint of fork: GNU OpenMP (torch's CPU thread pool here) cannot run a multi-threaded
 region in a child forked after the parent ran one. The engine's process therefore computes with one
-thread when it uses workers (:func:`plan`), and each worker checks at start that its threads run;
+thread when it uses workers (:func:`pf2lora.parallelism.in_process`, applied before the model is
+loaded), and each worker checks at start that its threads run;
 where they hang (a parent that already ran multi-threaded torch, as in a notebook), the pool falls
 back to one thread per worker and says so.
 """
@@ -46,6 +47,11 @@ class WorkerDied(RuntimeError):
     """A worker process ended while it held a client's task (killed, out of memory, crashed)."""
 
 
+def failure_reasons(failed: dict[int, str]) -> str:
+    """``{client: reason}`` as one line, by client (for errors that name the clients that failed)."""
+    return "; ".join(f"client {c}: {r}" for c, r in sorted(failed.items()))
+
+
 @dataclass
 class Task:
     """One client's work: ``kind`` (train | evaluate) and the arguments of ``work(kind, cid, *args)``."""
@@ -72,9 +78,8 @@ class WorkerPool:
         gc.collect()
         gc.freeze()  # objects alive now are not touched by the workers' collector: fewer pages copied
         release_free_memory()  # free heap goes back to the OS, not copied into each worker on reuse
-        self._workers = [self._fork() for _ in range(self.size)]
-        ready = [w.ready() for w in self._workers]
-        if not all(ready) and self.threads > 1:
+        ready = self._fork_all()
+        if not ready and self.threads > 1:
             log.warning(
                 "worker processes hang at %d threads: this process ran multi-threaded torch before it "
                 "forked them (GNU OpenMP is not fork-safe); using 1 thread per worker",
@@ -82,11 +87,15 @@ class WorkerPool:
             )
             self.close()
             self.threads = 1
-            self._workers = [self._fork() for _ in range(self.size)]
-            ready = [w.ready() for w in self._workers]
-        if not all(ready):
+            ready = self._fork_all()
+        if not ready:
             self.close()
             raise WorkerDied("worker processes did not start")
+
+    def _fork_all(self) -> bool:
+        """Fork the pool's workers; whether every one passed its start-up check."""
+        self._workers = [self._fork() for _ in range(self.size)]
+        return all([w.ready() for w in self._workers])  # a list: every worker's check is read
 
     def _fork(self) -> _Worker:
         return _Worker(self.work, self.threads)

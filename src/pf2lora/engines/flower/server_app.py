@@ -30,6 +30,7 @@ from pf2lora.algorithms.base import ClientAlgorithm, ClientData, Instruction, Se
 from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.config import ConfigError, ExperimentConfig, load_config
 from pf2lora.engines.flower.records import METRIC, decode_params, encode_config, encode_params, message_bytes
+from pf2lora.engines.workers import failure_reasons
 from pf2lora.runner import prepare, run
 from pf2lora.utils import numel
 
@@ -92,7 +93,7 @@ class FlowerEngine:
                 failed[cid] = f"no reply within {self.cfg.flower.timeout:g} s"
         needed = min(len(messages), self.cfg.flower.min_replies or len(messages))
         if len(replies) < needed:
-            reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(failed.items()))
+            reasons = failure_reasons(failed)
             raise FederationError(
                 f"{self.name} round {server_round} ({kind}): {len(replies)} of {len(messages)} clients answered, "
                 f"at least {needed} needed ({reasons})"
