@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """A real Flower federation on this machine: one SuperLink and one SuperNode per client, each a
 separate process started with Flower's own commands, the experiment submitted with ``flwr run``,
-and every process stopped at the end (also on failure or Ctrl-C).
+and every process stopped at the end (also on failure or Ctrl-C). By default each SuperNode runs in
+process isolation next to ``pf2lora site``, which prepares the model and data once per run and
+forks each message's ClientApp from it; ``--sites subprocess`` gives Flower's default instead (a
+new process, and a new model load, per message).
 
-    python scripts/flower_loopback.py [CONFIG] [key=value ...] --out runs/x [--work DIR]
+    python scripts/flower_loopback.py [CONFIG] [key=value ...] --out runs/x [--work DIR] [--sites fork|subprocess]
 
 The ServerApp writes the run directory ``--out``; SuperNode k holds partition k of the configured
 data and keeps its own state and outputs under ``<work>/site<k>`` (as a site would on its own
@@ -24,6 +27,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from pf2lora.parallelism import CORES_ENV, available_cores
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "deploy" / "flower"
@@ -54,8 +59,8 @@ def wait_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> No
 class Federation:
     """The processes of one loopback federation; ``stop`` ends every one of them."""
 
-    def __init__(self, work: Path, clients: int) -> None:
-        self.work, self.clients = work, clients
+    def __init__(self, work: Path, clients: int, sites: str = "fork") -> None:
+        self.work, self.clients, self.sites = work, clients, sites
         self.bin = Path(sys.executable).parent
         self.env = {
             **os.environ,
@@ -68,13 +73,13 @@ class Federation:
         (work / "logs").mkdir(parents=True, exist_ok=True)
         (work / "flwr_home").mkdir(parents=True, exist_ok=True)
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.work / "logs" / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the process
         process = subprocess.Popen(
             [str(self.bin / args[0]), *args[1:]],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=self.work,
             start_new_session=True,  # its own process group: stopping it stops what it spawned
         )
@@ -83,6 +88,7 @@ class Federation:
 
     def start(self) -> str:
         link, *nodes = free_ports(1 + self.clients)
+        cores = max(1, available_cores() // self.clients)  # the sites share this machine's cores
         superlink = self._start(
             "superlink",
             ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation"]
@@ -92,20 +98,35 @@ class Federation:
         for k, port in enumerate(nodes):
             site = self.work / f"site{k}"
             node_config = f"partition-id={k} num-partitions={self.clients} dir='{site}'"
+            isolation = ["--isolation", "process"] if self.sites == "fork" else []
             supernode = self._start(
                 f"supernode{k}",
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}"]
+                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", *isolation]
                 + ["--node-config", node_config, "--host", "127.0.0.1", "--port", str(port)],
             )
             wait_port(port, supernode)
+            if self.sites == "fork":  # the site's task runner: the model loaded once, each message forked
+                command = ["pf2lora", "site", "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
+                self._start(f"site{k}", command, {CORES_ENV: str(cores)})
         connection = f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
         (self.work / "flwr_home" / "config.toml").write_text(connection + "insecure = true\n")
         return "loopback"
 
     def run(self, connection: str, run_config: str) -> int:
+        """``flwr run`` to its end; stopped, with an error naming it, if a federation process ends first."""
         command = [str(self.bin / "flwr"), "run", str(APP), connection, "--run-config", run_config, "--stream"]
         with open(self.work / "logs" / "run.log", "w") as log:
-            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=self.env).returncode
+            run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            while run.poll() is None:
+                ended = [p for p in self.processes if p.poll() is not None]
+                if ended:
+                    run.terminate()
+                    run.wait()
+                    raise RuntimeError(
+                        f"{' '.join(map(str, ended[0].args[:2]))} exited with status {ended[0].returncode}"
+                    )
+                time.sleep(0.5)
+            return run.returncode
 
     def stop(self, grace: float = 20.0) -> list[str]:
         """SuperNodes first, the SuperLink last, each with everything it spawned (SuperExecs, ServerApp
@@ -174,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the run directory (written by the ServerApp)")
     parser.add_argument("--work", type=Path, help="logs, Flower's home and the sites' folders (default: a temp dir)")
     parser.add_argument("--force", action="store_true", help="allow writing into a non-empty --out")
+    parser.add_argument(
+        "--sites",
+        choices=("fork", "subprocess"),
+        default="fork",
+        help="fork (default): each SuperNode in process isolation with `pf2lora site`, which prepares the model "
+        "once and forks each message's ClientApp; subprocess: Flower's default, a new process per message",
+    )
     args = parser.parse_args(argv)
 
     from pf2lora.config import ConfigError, load_config
@@ -195,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment = work / "experiment.yaml"  # the config with the overrides applied: what the server reads
     experiment.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run_config = f"config={_toml(str(experiment))} out={_toml(str(out))}"
-    federation = Federation(work, cfg.data.num_clients)
+    federation = Federation(work, cfg.data.num_clients, args.sites)
     started = time.perf_counter()
     status = 1
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_TRAIN
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
@@ -160,6 +161,58 @@ def test_loopback_script_refuses_bad_input_before_starting_anything(tmp_path: Pa
     assert (out / "results.json").read_text() == "kept"
 
 
+def test_site_prepares_the_announced_experiment_once_and_every_fork_inherits_it(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # Arrange: a site's executor, a ClientApp's announcement of the experiment, and a stand-in for
+    # Flower's run_clientapp that reports what the forked task found in its process
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec
+
+    from pf2lora.engines.flower import client_app, site
+
+    threads = torch.get_num_threads()
+    cfg = load_config(None, _tiny(tiny_model_dir) + ["algorithms=[pf2lora,homlora]", "engine=flower"])
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    handoff, seen = tmp_path / "experiment.yaml", tmp_path / "seen"
+    monkeypatch.setenv(client_app.HANDOFF_ENV, str(handoff))
+    monkeypatch.setattr(client_app, "_EXPERIMENTS", {})
+    client_app._announce(text)
+    built = []
+    monkeypatch.setattr(client_app.Experiment, "_build", lambda self, name: built.append(name) or (name, None))
+
+    def task(**kwargs) -> None:
+        exp = next(iter(client_app._EXPERIMENTS.values()))
+        seen.with_suffix(f".{kwargs['token']}").write_text(f"{sorted(exp.clients)} {torch.get_num_threads()}")
+        raise SystemExit(0)  # as Flower's flwr_exit ends a ClientApp
+
+    monkeypatch.setattr(site, "run_clientapp", task)
+    executor = site.ForkExecutor(handoff)
+
+    def spec(token: str, kind: TaskType = TaskType.CLIENT_APP) -> ExecutionSpec:
+        return ExecutionSpec(kind, "127.0.0.1:9", token, True, None, False, None, True, 1)
+
+    # Act: two tasks forked, each after the loop's reconcile
+    executor.reconcile()
+    results = [executor.launch(spec("a")), executor.launch(spec("b"))]
+    refused = executor.launch(spec("c", TaskType.SERVER_APP))
+    while executor.children:
+        executor.reconcile()
+    # Assert: prepared once in this process (each method built once), inherited by both forks
+    assert built == ["pf2lora", "homlora"] and executor.loaded == text
+    assert [r.status for r in results] == ["accepted", "accepted"] and refused.status == "failed"
+    for token in "ab":
+        assert seen.with_suffix(f".{token}").read_text() == f"['homlora', 'pf2lora'] {executor.threads}"
+    torch.set_num_threads(threads)
+
+
+def test_site_refuses_bad_input(capsys) -> None:
+    assert main(["site", "--runtime-api-address", "nohost", "--insecure"]) == 2
+    assert main(["site", "--runtime-api-address", "h:1", "--root-certificates", "/no/such.pem"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("pf2lora: error: ") for line in err)
+
+
 # ----------------------------------------------------------------------------- integration
 
 
@@ -273,7 +326,8 @@ def test_a_client_that_fails_is_recorded_and_the_run_goes_on(tiny_model_dir: Pat
 
 @pytest.mark.integration
 def test_deployment_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Prepare / Execute: a SuperLink and 3 SuperNodes as separate processes, `flwr run`, 2 rounds of PF2LoRA
+    # Prepare / Execute: a SuperLink and 3 SuperNodes (with their sites) as separate processes, `flwr run`,
+    # 2 rounds of PF2LoRA
     out, work = tmp_path / "run", tmp_path / "federation"
     proc = subprocess.run(
         [
@@ -308,8 +362,22 @@ def test_deployment_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert not list(out.rglob("personal_*")) and not (out / "client_state").exists()
     for k in range(3):
         assert (work / f"site{k}" / "client_state" / "pf2lora" / f"client{k}.pt").is_file()
+    # each site (`pf2lora site`, the default) prepared the experiment once, and the results are the local engine's
+    for k in range(3):
+        assert (work / "logs" / f"site{k}.log").read_text().count("prepared once") == 1
+    local = tmp_path / "local"
+    overrides = [*_tiny(tiny_model_dir), "algorithms=[pf2lora]", "train.rounds=2"]
+    assert main(["run", *overrides, "--out", str(local), "--quiet"]) == 0
+    _close(json.loads((local / "results.json").read_text())["pf2lora"]["clients"], results["pf2lora"]["clients"])
     # every process the script started has stopped
     assert "had to kill" not in proc.stderr
     table = subprocess.run(["ps", "-e", "-o", "stat=,args="], capture_output=True, text=True).stdout.splitlines()
-    flower = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+    flower = (
+        "flower-superlink",
+        "flower-supernode",
+        "flower-superexec",
+        "flwr-serverapp",
+        "flwr-clientapp",
+        "pf2lora site",
+    )
     assert [line for line in table if not line.startswith("Z") and any(f in line for f in flower)] == []

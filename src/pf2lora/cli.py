@@ -1,5 +1,5 @@
 """Command line: ``pf2lora run [CONFIG] [key=value ...] [--out DIR] [--force]``, ``pf2lora compare``,
-``pf2lora synthetic``, ``pf2lora methods``.
+``pf2lora synthetic``, ``pf2lora methods``, ``pf2lora site`` (a Flower site's task runner).
 
 Bad input (config, data, model) is reported as one line on stderr with exit status 2, before any
 training starts and before anything is written.
@@ -85,7 +85,42 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--truth", default="shared", help="shared (default) | independent: see the docs")
     syn.add_argument("--steps", type=int, default=None, help="training steps (default 10000)")
     syn.add_argument("--force", action="store_true", help="allow writing into a non-empty --out")
+    site = sub.add_parser(
+        "site",
+        help="a Flower site's task runner that loads the model once per run (flower-supernode --isolation process)",
+        description="Runs the ClientApp tasks of one SuperNode started with `--isolation process`, each in a fork of "
+        "this process, which prepares the experiment (data, base model) once per run instead of once per message.",
+    )
+    site.add_argument(
+        "--runtime-api-address",
+        required=True,
+        metavar="HOST:PORT",
+        help="the SuperNode's Runtime API (its --host and --port)",
+    )
+    tls = site.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--insecure", action="store_true", help="connect without TLS (the SuperNode's own host only)")
+    tls.add_argument("--root-certificates", type=Path, metavar="PEM", help="CA certificate of the Runtime API")
     return parser
+
+
+def run_site(args: argparse.Namespace) -> int:
+    host, _, port = args.runtime_api_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        print(
+            f"pf2lora: error: --runtime-api-address must be HOST:PORT, not {args.runtime_api_address!r}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.root_certificates is not None and not args.root_certificates.is_file():
+        print(f"pf2lora: error: --root-certificates {args.root_certificates} is not a file", file=sys.stderr)
+        return 2
+    try:
+        from pf2lora.engines.flower.site import serve
+    except ImportError as err:
+        print(f"pf2lora: error: pf2lora site needs Flower: pip install 'pf2lora[flower]' ({err})", file=sys.stderr)
+        return 2
+    serve(args.runtime_api_address, args.insecure, str(args.root_certificates) if args.root_certificates else None)
+    return 0
 
 
 def methods() -> int:
@@ -196,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return methods()
+    if args.command == "site":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return run_site(args)
     if args.command == "synthetic":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -2,9 +2,10 @@
 
 A ClientApp is re-created for every message, so nothing lives on it. What is expensive and the
 same for every message (the experiment's data and the frozen base model of each method) is cached
-per process; what belongs to the client (personal adapter, optimizer moments, sampler cursor,
-HETLoRA's rank) is kept in the node's ``Context`` and in a file on the node's disk after every
-round, never sent to the server.
+per process (under ``pf2lora site``, :mod:`pf2lora.engines.flower.site`, once per run in the
+site's process, which every message's process is forked from); what belongs to the client
+(personal adapter, optimizer moments, sampler cursor, HETLoRA's rank) is kept in the node's
+``Context`` and in a file on the node's disk after every round, never sent to the server.
 
 Messages (the server's side is :mod:`pf2lora.engines.flower.server_app`):
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +82,18 @@ class Experiment:
 
 
 _EXPERIMENTS: dict[str, Experiment] = {}
+HANDOFF_ENV = "PF2LORA_SITE_HANDOFF"  # under `pf2lora site`: where a new experiment's text is left
+
+
+def _announce(text: str) -> None:
+    """Under ``pf2lora site``, leave the text of the experiment the server announced for the site's
+    process, which prepares it once for every later message (written whole, then renamed in)."""
+    path = os.environ.get(HANDOFF_ENV)
+    if not path:
+        return
+    with tempfile.NamedTemporaryFile("w", dir=Path(path).parent, delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
 
 
 def experiment(text: str) -> Experiment:
@@ -159,10 +174,11 @@ def _instruction(msg: Message) -> Instruction:
 def join(msg: Message, context: Context) -> Message:
     """Take part in the experiment the server describes; say which partition this node holds."""
     config = msg.content["config"]
-    cid = _partition(context)
-    exp = experiment(str(config["experiment"]))  # type: ignore[index]
-    if not 0 <= cid < exp.cfg.data.num_clients:
-        raise ValueError(f"partition-id {cid} is outside the experiment's {exp.cfg.data.num_clients} clients")
+    cid, text = _partition(context), str(config["experiment"])  # type: ignore[index]
+    cfg = from_dict(ExperimentConfig, yaml.safe_load(text)).validate()  # prepared at the first train
+    if not 0 <= cid < cfg.data.num_clients:
+        raise ValueError(f"partition-id {cid} is outside the experiment's {cfg.data.num_clients} clients")
+    _announce(text)
     context.state[RUN] = ConfigRecord({"experiment": config["experiment"], "out": config["out"]})  # type: ignore[index]
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": cid})}), reply_to=msg)
 

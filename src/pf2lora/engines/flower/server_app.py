@@ -79,7 +79,7 @@ class FlowerEngine:
             messages[cid] = Message(content, dst_node_id=self.nodes[cid], message_type=kind, group_id=str(server_round))
             down[cid] = message_bytes(messages[cid])
         replies, failed, up = {}, {}, {}
-        for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.cfg.flower.timeout):
+        for reply in send_and_receive(self.grid, list(messages.values()), self.cfg.flower.timeout):
             cid = self.clients_of[reply.metadata.src_node_id]
             if reply.has_error():
                 failed[cid] = f"{reply.error.reason}"
@@ -187,6 +187,25 @@ class FlowerEngine:
                 extra = {f"{METRIC}{k}": float(v) for k, v in metric.items()}
                 instructions[cid] = Instruction(instructions[cid].params, {**instructions[cid].config, **extra})
         self._exchange("query.save", server_round, instructions)
+
+
+POLL_SECONDS = 0.2  # Flower's Grid.send_and_receive looks for replies every 3 s
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """``grid.send_and_receive`` (push, then pull the replies until all came or ``timeout``), polling
+    every :data:`POLL_SECONDS`: Flower's own waits 3 s between pulls, which on a run of short rounds
+    is most of the time a round takes."""
+    waiting = set(grid.push_messages(messages))
+    deadline, replies = time.monotonic() + timeout, []
+    while waiting:
+        received = list(grid.pull_messages(waiting))
+        replies += received
+        waiting -= {m.metadata.reply_to_message_id for m in received}
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_SECONDS)
+    return replies
 
 
 def discover(grid: Grid, cfg: ExperimentConfig, out: Path) -> dict[int, int]:
