@@ -16,9 +16,9 @@ HERE = Path(__file__).parent
 ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
 
 
-def _subprocess(module: str, *args: str) -> dict:
+def _subprocess(module: str, *args: str, env: dict[str, str] = ENV) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=ENV, cwd=HERE.parent, check=True
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=HERE.parent, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -63,6 +63,16 @@ def main() -> None:
         for where in ("memory", "disk") if n == max(scale_sizes) else ("memory",):
             print(f"scale: {n} clients, state in {where}...", flush=True)
             scale.append(_subprocess("benchmarks.scale", str(n), where))
+    sampled = os.environ.get("BENCH_SAMPLED", "10000,0.01,3").split(",")
+    print(f"scale: {sampled[0]} clients, {sampled[1]} of them per round, states on disk...", flush=True)
+    scale_sampled = _subprocess("benchmarks.scale", sampled[0], "disk", sampled[1], sampled[2])
+    # glibc's default allocator here: MALLOC_MMAP_THRESHOLD_ makes every activation a fresh mapping,
+    # which costs two 1-thread workers a third of their speed (measured), the one process almost nothing
+    plain = {k: v for k, v in ENV.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    print("local engine: 2 worker processes, then 1 process (fresh processes)...", flush=True)
+    workers = {str(n): _subprocess("benchmarks.workers", str(n), "2", env=plain) for n in (2, 1)}
+    print("deployment on loopback against the local engine...", flush=True)
+    deployment = _subprocess("benchmarks.deployment", os.environ.get("BENCH_SITES", "fork"), env=plain)
     print("causal LM: step times and generation throughput (fresh process)...", flush=True)
     causal_lm = _subprocess("benchmarks.generation")
     results = {
@@ -79,6 +89,9 @@ def main() -> None:
         "payload_bytes_per_client_round_each_way": payloads,
         "scale": scale,
         "memory_per_additional_client": marginal_memory(scale),
+        "scale_sampled": scale_sampled,
+        "workers": workers,
+        "deployment": deployment,
         "causal_lm": causal_lm,
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
@@ -147,6 +160,42 @@ def print_table(r: dict) -> None:
                 "<= 2x" if m is slopes[-1] else "reported",
             )
         )
+    sampled = r.get("scale_sampled")
+    if sampled:
+        rows.append(
+            (
+                f"{sampled['clients']} clients, {sampled['clients_per_round']} per round (state on disk): "
+                "peak RSS, s/round",
+                f"{sampled['peak_rss_bytes'] / 2**30:.2f} GiB, {sampled['seconds_per_round']:.1f}s",
+                "<= 2 GiB",
+            )
+        )
+    workers = r.get("workers")
+    if workers:
+        two, one = workers["2"], workers["1"]
+        rows += [
+            (
+                "local engine, 2 workers / 1 process: clients trained per second",
+                f"{two['clients_per_second'] / one['clients_per_second']:.2f}x",
+                ">= 1.3x",
+            ),
+            (
+                "local engine, 2 workers / 1 process: peak memory (summed PSS)",
+                f"{two['peak_pss_bytes'] / one['peak_pss_bytes']:.2f}x",
+                "<= 1.3x",
+            ),
+        ]
+    deployment = r.get("deployment")
+    if deployment:
+        for mode in ("fork", "subprocess"):
+            if f"loopback_{mode}_seconds" in deployment:
+                rows.append(
+                    (
+                        f"loopback deployment ({mode} sites) / local engine, wall time",
+                        f"{deployment[f'loopback_{mode}_seconds'] / deployment['local_seconds']:.2f}x",
+                        "<= 2x" if mode == "fork" else "reported",
+                    )
+                )
     lm = r.get("causal_lm")
     if lm:
         lm_ratio, tokens = lm["step_ratio_to_homlora"], lm["generation_tokens_per_second"]

@@ -7,6 +7,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one core as far as pf2lora can tell: the local engine trains in this process (train.workers unset
+# means one worker per core); the worker tests ask for workers explicitly, and the default
+# experiment's test runs `make run`'s command in a process of its own, on every core
+os.environ["PF2LORA_CORES"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -132,3 +132,22 @@ def test_bad_worker_settings_fail_before_any_work(monkeypatch) -> None:
     cfg = load_config("configs/default.yaml", ["train.workers=2", "train.threads=2"])
     with pytest.raises(ConfigError, match="2 x 2 exceeds the 2 cores"):
         check_runtime(cfg)
+    # forked CPU workers cannot share a CUDA device (torch told it has one: this machine has none)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config("configs/default.yaml", ["train.workers=2", "train.threads=1", "model.device=cuda"])
+    with pytest.raises(ConfigError, match="cannot share a CUDA device"):
+        check_runtime(cfg)
+
+
+def test_the_default_is_one_worker_per_core_and_one_process_on_a_gpu(monkeypatch, tmp_path) -> None:
+    from pf2lora.config import load_config
+    from pf2lora.engines.local import local_engine
+
+    monkeypatch.setenv("PF2LORA_CORES", "2")
+    cfg = load_config("configs/default.yaml")
+    assert cfg.train.workers is None
+    data = [object()] * 4
+    built = local_engine(tmp_path, "homlora", cfg, None, None, data, data, None)  # type: ignore[arg-type]
+    assert built.pool is not None and (built.pool.size, built.pool.threads) == (2, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert local_engine(tmp_path, "homlora", cfg, None, None, data, data, None).pool is None  # type: ignore[arg-type]

@@ -197,9 +197,9 @@ class TrainConfig:
     )
     workers: int | None = _help(
         "local engine: processes that train a round's clients side by side, sharing the frozen base "
-        "model (None: the machine's cores / threads, at most a round's clients; 1: one after another "
-        "in this process, the default until the parallel engine's memory target is met)",
-        1,
+        "model (None: the machine's cores / threads, at most a round's clients, and one process on "
+        "one core or a CUDA device; 1: one after another in this process)",
+        None,
     )
     client_state: str = _help("memory | disk: where the engine keeps clients' personal state", "memory")
     compression: str = _help("none | fp16 | bf16: the dtype of the adapters that travel", "none")

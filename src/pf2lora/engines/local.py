@@ -12,6 +12,7 @@ from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from pf2lora.adapters.export import PeftExporter
@@ -321,5 +322,6 @@ def local_engine(
     state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
     on_step = progress(name, steps) if progress else None
     records = records_dir(out, cfg.task.name, name)
-    workers = plan(cfg.train.workers, cfg.train.threads, max(per_round, len(test)))
+    on_gpu = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
+    workers = plan(1 if on_gpu else cfg.train.workers, cfg.train.threads, max(per_round, len(test)))
     return LocalEngine(server, client, train, test, on_step, state_dir, cfg.train.compression, records, workers)
