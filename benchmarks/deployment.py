@@ -4,7 +4,9 @@ The run: the default experiment cut to 3 clients, 2 rounds of 3 local steps, PF2
 the command's start to its end, as a user waits for it: ``pf2lora run`` (the local engine) and
 ``scripts/flower_loopback.py`` (a SuperLink, 3 SuperNodes and their sites as separate processes,
 ``flwr run``, every process stopped at the end), with sites that load the model once (``pf2lora
-site``, the default) and, when asked, with Flower's default of a new process per message.
+site``, the default) and, when asked, with Flower's default of a new process per message. Each
+loopback run's per-client metrics are compared with the local engine's: they agree to the last
+bit at the same threads per client, and to about 1e-7 otherwise (a different summation order).
 
     python -m benchmarks.deployment [fork,subprocess]
 """
@@ -43,7 +45,9 @@ def measure(sites: list[str]) -> dict:
             out, work = folder / mode, folder / f"{mode}-work"
             script = [sys.executable, "scripts/flower_loopback.py", *RUN, "--out", str(out), "--work", str(work)]
             result[f"loopback_{mode}_seconds"] = timed([*script, "--sites", mode])
-            result[f"loopback_{mode}_same_results"] = clients(out) == local
+            result[f"loopback_{mode}_max_metric_difference"] = max(
+                abs(value - local[c][k]) for c, metrics in clients(out).items() for k, value in metrics.items()
+            )
     return result
 
 

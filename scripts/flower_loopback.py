@@ -68,6 +68,7 @@ class Federation:
             "FLWR_HOME": str(work / "flwr_home"),  # the CLI's connections and unpacked apps; not ~/.flwr
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # Flower's task runners look for work every 1 s
         }
         self.processes: list[subprocess.Popen] = []
         (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -95,15 +96,19 @@ class Federation:
             + ["--host", "127.0.0.1", "--port", str(link)],
         )
         wait_port(link, superlink)
+        supernodes = []  # started together, then waited for
         for k, port in enumerate(nodes):
             site = self.work / f"site{k}"
             node_config = f"partition-id={k} num-partitions={self.clients} dir='{site}'"
             isolation = ["--isolation", "process"] if self.sites == "fork" else []
-            supernode = self._start(
-                f"supernode{k}",
-                ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", *isolation]
-                + ["--node-config", node_config, "--host", "127.0.0.1", "--port", str(port)],
+            supernodes.append(
+                self._start(
+                    f"supernode{k}",
+                    ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", *isolation]
+                    + ["--node-config", node_config, "--host", "127.0.0.1", "--port", str(port)],
+                )
             )
+        for k, (port, supernode) in enumerate(zip(nodes, supernodes, strict=True)):
             wait_port(port, supernode)
             if self.sites == "fork":  # the site's task runner: the model loaded once, each message forked
                 command = ["pf2lora", "site", "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]

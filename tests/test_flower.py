@@ -321,7 +321,23 @@ def test_a_client_that_fails_is_recorded_and_the_run_goes_on(tiny_model_dir: Pat
     capsys.readouterr()
     assert main(["run", *common, "engine=flower", "--out", str(tmp_path / "strict"), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "pf2lora round 2 (train): 2 of 3 clients answered, at least 3 needed" in err
+    assert "pf2lora round 2 (train): 2 of 3 clients answered with an update that passed the checks, at least 3" in err
+
+
+@pytest.mark.integration
+def test_bad_updates_are_rejected_on_flower_as_they_travelled(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: in round 1, client 1 adds a personal parameter and client 2 sends a tensor in float64
+    faults = "flower.fail=[1@1:personal,2@1:dtype]"
+    common = [*_tiny(tiny_model_dir), "algorithms=[homlora]", "train.rounds=2", faults, "flower.min_replies=1"]
+    out = tmp_path / "run"
+    # Execute
+    assert main(["run", *common, "engine=flower", "--out", str(out), "--quiet"]) == 0
+    # Assert: both rejected with their reasons, round 1 aggregated client 0 alone, round 2 everyone
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r["clients"]) for r in rounds] == [["0"], ["0", "1", "2"]]
+    assert sorted(rounds[0]["rejected"]) == ["1", "2"] and "rejected" not in rounds[1]
+    assert "unexpected " in rounds[0]["rejected"]["1"] and ".personal" in rounds[0]["rejected"]["1"]
+    assert "has dtype float64, expected float32" in rounds[0]["rejected"]["2"]
 
 
 @pytest.mark.integration

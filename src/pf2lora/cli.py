@@ -261,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         from pf2lora.api import check_out_dir, prepare, run_on_engine
 
         check_out_dir(out, args.force)
-        federation_errors: tuple[type[Exception], ...] = ()  # an in-process run has none
+        from pf2lora.engines.local import RoundFailed
+
+        federation_errors: tuple[type[Exception], ...] = (RoundFailed,)  # too few good updates in a round
         if cfg.engine == "flower":
-            federation_errors = (flower_federation_error(),)  # Flower installed, before any work
+            federation_errors += (flower_federation_error(),)  # Flower installed, before any work
         prepared = prepare(cfg)
     except ConfigError as err:
         print(f"pf2lora: error: {err}", file=sys.stderr)
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     with Progress(disabled=args.quiet) as progress:
         try:
             results = run_on_engine(prepared, out, progress.task)
-        except federation_errors as err:  # too few clients answered: what ran is in the run directory
+        except federation_errors as err:  # too few good updates: what ran is in the run directory
             print(f"pf2lora: error: {err}", file=sys.stderr)
             return 1
     print_summary({k: v for k, v in results.items() if k != "accounting"}, out)

@@ -36,6 +36,10 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = None) ->
     return field(default=default, metadata={"help": text})
 
 
+# the kinds of bad update flower.fail can inject (pf2lora.algorithms.validation.spoil makes them)
+SPOILS = ("nan", "inf", "shape", "missing", "personal", "dtype", "far")
+
+
 @dataclass
 class TaskConfig:
     name: str = _help(
@@ -201,6 +205,11 @@ class TrainConfig:
         "one core or a CUDA device; 1: one after another in this process)",
         None,
     )
+    update_norm_bound: float | None = _help(
+        "the server rejects a client's update whose L2 norm (its reply minus what it was sent, over every "
+        "tensor) exceeds this (None: no bound; malformed and non-finite updates are always rejected)",
+        None,
+    )
     client_state: str = _help("memory | disk: where the engine keeps clients' personal state", "memory")
     compression: str = _help("none | fp16 | bf16: the dtype of the adapters that travel", "none")
 
@@ -208,13 +217,17 @@ class TrainConfig:
 @dataclass
 class FlowerConfig:
     min_replies: int | None = _help(
-        "least number of a round's sampled clients that must answer for the round to go on (None: all)", None
+        "least number of a round's sampled clients whose update must arrive and pass the server's checks "
+        "for the round to go on (None: all on Flower; at least one on the local engine)",
+        None,
     )
     timeout: float = _help("seconds the server waits for a round's replies", 3600.0)
     connect_timeout: float = _help("seconds the server waits for every client's SuperNode to connect", 300.0)
     client_cpus: float = _help("CPUs per simulated client (simulation runtime; clients run side by side)", 1.0)
     fail: list[str] = _help(
-        "fault injection: 'K@R' makes client K raise in training round R (exercises the failure path)",
+        "fault injection: 'K@R' makes client K raise in training round R, 'K@R:KIND' makes it send a bad "
+        "update instead (KIND: nan, inf, shape, missing, personal, dtype, far), to exercise the failure "
+        "path and the server's checks",
         factory=list,
     )
 
@@ -261,8 +274,9 @@ class ExperimentConfig:
             _check(getattr(fl, key) > 0, f"flower.{key} must be > 0, got {getattr(fl, key)}")
         for item in fl.fail:
             _check(
-                re.fullmatch(r"\d+@\d+", str(item)) is not None,
-                f"flower.fail: {item!r} is not CLIENT@ROUND (e.g. 1@2)",
+                re.fullmatch(rf"\d+@\d+(:({'|'.join(SPOILS)}))?", str(item)) is not None,
+                f"flower.fail: {item!r} is not CLIENT@ROUND or CLIENT@ROUND:KIND (e.g. 1@2, 1@2:nan; "
+                f"KIND: {', '.join(SPOILS)})",
             )
         tk = self.task
         _check(tk.name in TASKS, f"unknown task.name {tk.name!r} (choose from {', '.join(TASKS)})")
@@ -322,6 +336,10 @@ class ExperimentConfig:
         _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
         _check(t.threads is None or t.threads >= 1, f"train.threads must be >= 1, got {t.threads}")
         _check(t.workers is None or t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")
+        _check(
+            t.update_norm_bound is None or t.update_norm_bound > 0,
+            f"train.update_norm_bound must be > 0, got {t.update_norm_bound}",
+        )
         _check(
             t.compression in ("none", "fp16", "bf16"),
             f"train.compression must be none, fp16 or bf16, got {t.compression!r}",

@@ -89,6 +89,13 @@ class ServerAlgorithm(ABC):
     @abstractmethod
     def configure_evaluate(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]: ...
 
+    def check_reply(self, instruction: Instruction, reply: TrainResult) -> str | None:
+        """Why ``reply`` is not a well-formed answer to ``instruction`` (None: it is). By default it
+        returns what it was sent: the same names, shapes and dtypes. The engines also reject
+        non-finite values and updates beyond ``train.update_norm_bound``
+        (:mod:`pf2lora.algorithms.validation`)."""
+        return structure_problem(instruction.params, reply.params)
+
     @property
     @abstractmethod
     def global_params(self) -> Params: ...
@@ -132,3 +139,30 @@ class ClientAlgorithm(ABC):
         """The tensors of the model this client keeps as a stock adapter: what it evaluates
         (``instruction``, from :meth:`personalize`) with its personal part."""
         return {**instruction.params, **state.get("personal", {})}
+
+
+def structure_problem(expected: Params, got: Params) -> str | None:
+    """Why ``got`` does not have the names, shapes and dtypes of ``expected`` (None: it has)."""
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing:
+        return f"missing {_names(missing)}"
+    if extra:
+        return f"unexpected {_names(extra)}"
+    for name, value in expected.items():
+        other = got[name]
+        if not isinstance(other, torch.Tensor):
+            return f"{name} is not a tensor"
+        if other.shape != value.shape:
+            return f"{name} has shape {tuple(other.shape)}, expected {tuple(value.shape)}"
+        if other.dtype != value.dtype:
+            return f"{name} has dtype {_dtype(other.dtype)}, expected {_dtype(value.dtype)}"
+    return None
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")

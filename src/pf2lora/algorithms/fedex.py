@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pf2lora.adapters.two_level import COMMON, AdapterLayout, TwoLevelModel, base_delta_name
-from pf2lora.algorithms.base import TrainResult
+from pf2lora.algorithms.base import Instruction, TrainResult, structure_problem
 from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import SplitLoRAClient, lora_model
 from pf2lora.config import ExperimentConfig
@@ -41,6 +41,11 @@ class FedExLoRAServer(FedAvgServer):
         residual = {base_delta_name(m): torch.zeros_like(base_weights[m]) for m in layout.modules}
         super().__init__({**initial, **residual}, **kwargs)
         self.layout = layout
+
+    def check_reply(self, instruction: Instruction, reply: TrainResult) -> str | None:
+        """A client returns what it trains: everything it was sent but the residual."""
+        trained = {k: v for k, v in instruction.params.items() if not is_residual(k)}
+        return structure_problem(trained, reply.params)
 
     def aggregate_train(self, server_round: int, results: dict[int, TrainResult]) -> None:
         if not results:

@@ -30,6 +30,7 @@ from pf2lora.algorithms.base import (
     Params,
     ServerAlgorithm,
     TrainResult,
+    structure_problem,
 )
 from pf2lora.algorithms.fedavg import sample_clients
 from pf2lora.algorithms.lora_client import LoRAClient, lora_model
@@ -124,6 +125,14 @@ class RankedServer(ServerAlgorithm):
 
 class HetLoRAServer(RankedServer):
     """Sparsity-weighted averaging of the zero-padded replies; clients' pruned ranks kept."""
+
+    def check_reply(self, instruction: Instruction, reply: TrainResult) -> str | None:
+        """A client may prune its rank: the reply is what it was sent, cut to the rank it reports
+        (between ``r_min``, as far as the client was sent that much, and the rank it was sent)."""
+        sent, rank = int(instruction.config["rank"]), reply.metrics.get("rank")
+        if rank is None or rank != int(rank) or not 1 <= rank <= sent:
+            return f"reported rank {rank} is not between 1 and the rank it was sent ({sent})"
+        return structure_problem(truncate(instruction.params, int(rank)), reply.params)
 
     def aggregate_train(self, server_round: int, results: dict[int, TrainResult]) -> None:
         if not results:

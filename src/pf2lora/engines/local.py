@@ -26,6 +26,7 @@ from pf2lora.algorithms.base import (
     TrainResult,
 )
 from pf2lora.algorithms.fedavg import clients_per_round
+from pf2lora.algorithms.validation import problem
 from pf2lora.compression import transmit
 from pf2lora.config import ExperimentConfig
 from pf2lora.engines.states import DiskStates, PackedStates
@@ -104,6 +105,10 @@ class Site:
         return self.client.evaluate(cid, view, state, test, record), self.client.effective_ranks(view, state)
 
 
+class RoundFailed(RuntimeError):
+    """Fewer of a round's clients than ``flower.min_replies`` sent an update that passed the checks."""
+
+
 class LocalEngine:
     def __init__(
         self,
@@ -116,6 +121,8 @@ class LocalEngine:
         compression: str = "none",
         records: Path | None = None,
         workers: Plan | None = None,
+        norm_bound: float | None = None,
+        min_replies: int | None = None,
     ) -> None:
         """``train`` and ``test``: each client's splits. A method that trains on pooled data (centralized)
         passes one training set and is still evaluated on every test split. ``state_dir``: keep client
@@ -124,8 +131,12 @@ class LocalEngine:
         per-example outputs (``client<k>.jsonl``) for tasks that keep them. ``workers``: train and
         evaluate a round's clients in the worker processes this plan names (:mod:`pf2lora.engines.workers`;
         None or a plan of 0 workers: one after another in this process). Either way a client's state lives here
-        and its results are the same for the same threads per client."""
+        and its results are the same for the same threads per client. Every update is checked before
+        it is aggregated (:mod:`pf2lora.algorithms.validation`, ``norm_bound`` its optional bound); a
+        rejected one is recorded under the round's ``rejected``. ``min_replies``: the least number of
+        a round's clients whose update must arrive and pass (None: one), else :class:`RoundFailed`."""
         self.compression, self.records = compression, records
+        self.norm_bound, self.min_replies = norm_bound, min_replies
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
         self.states: MutableMapping[int, ClientState] = DiskStates(state_dir) if state_dir else PackedStates()
@@ -183,6 +194,19 @@ class LocalEngine:
         replies, failed = self._train(received)
         if not replies:
             raise WorkerDied(f"round {server_round}: no client finished its training ({failure_reasons(failed)})")
+        rejected = {}
+        for cid in list(replies):
+            reason = problem(self.server, received[cid], replies[cid], self.norm_bound)
+            if reason is not None:
+                rejected[cid] = reason
+                del replies[cid]
+                log.warning("round %d: client %d's update rejected: %s", server_round, cid, reason)
+        needed = min(len(instructions), self.min_replies or 1)
+        if len(replies) < needed:
+            raise RoundFailed(
+                f"round {server_round}: {len(replies)} of {len(instructions)} clients' updates arrived and passed "
+                f"the server's checks, at least {needed} needed ({failure_reasons({**failed, **rejected})})"
+            )
         results, clients = {}, {}
         for cid, instruction in instructions.items():
             if cid not in replies:
@@ -204,6 +228,8 @@ class LocalEngine:
         record: Record = {"round": server_round, "clients": clients}
         if failed:
             record["failed"] = failed
+        if rejected:
+            record["rejected"] = rejected
         return record
 
     def _train(self, received: dict[int, Instruction]) -> tuple[dict[int, TrainResult], dict[int, str]]:
@@ -324,4 +350,16 @@ def local_engine(
     records = records_dir(out, cfg.task.name, name)
     on_gpu = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
     workers = plan(1 if on_gpu else cfg.train.workers, cfg.train.threads, max(per_round, len(test)))
-    return LocalEngine(server, client, train, test, on_step, state_dir, cfg.train.compression, records, workers)
+    return LocalEngine(
+        server,
+        client,
+        train,
+        test,
+        on_step,
+        state_dir,
+        cfg.train.compression,
+        records,
+        workers,
+        cfg.train.update_norm_bound,
+        cfg.flower.min_replies,
+    )

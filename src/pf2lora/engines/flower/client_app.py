@@ -32,7 +32,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pf2lora.adapters.export import PeftExporter
-from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ClientState, Instruction
+from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ClientState, Instruction, TrainResult
+from pf2lora.algorithms.validation import spoil
 from pf2lora.config import ExperimentConfig, from_dict
 from pf2lora.engines.flower.records import (
     METRIC,
@@ -188,9 +189,12 @@ def train(msg: Message, context: Context) -> Message:
     exp, cid, name, site, _ = _session(msg, context)
     instruction = _instruction(msg)
     server_round = int(instruction.config.get("server_round", 0))
-    if f"{cid}@{server_round}" in exp.cfg.flower.fail:
+    faults = [f.partition(":")[2] for f in exp.cfg.flower.fail if f.partition(":")[0] == f"{cid}@{server_round}"]
+    if "" in faults:
         raise InjectedFailure(f"client {cid} fails in round {server_round} (flower.fail)")
     result = site.train(cid, instruction, exp.data(cid)[0])
+    for kind in faults:  # a bad update instead of the real one (flower.fail K@R:KIND)
+        result = TrainResult(spoil(result.params, kind), result.num_examples, result.metrics)
     content = RecordDict(
         {
             "arrays": encode_params(result.params, exp.cfg.train.compression),

@@ -50,13 +50,14 @@ def encode_params(params: Params, compression: str = "none") -> ArrayRecord:
     return record
 
 
-def decode_params(record: ArrayRecord, dtype: torch.dtype | None = None) -> Params:
-    """The payload as received; floating tensors cast back to ``dtype`` (default: torch's default)."""
+def decode_params(record: ArrayRecord, dtype: torch.dtype | None = None, cast: bool = True) -> Params:
+    """The payload as received; floating tensors cast back to ``dtype`` (default: torch's default),
+    or, with ``cast=False``, in the dtype they travelled in."""
     dtype = dtype or torch.get_default_dtype()
     out = {}
     for name in record:
         value = _tensor(record[name])
-        out[name] = value.to(dtype) if value.is_floating_point() else value
+        out[name] = value.to(dtype) if cast and value.is_floating_point() else value
     return out
 
 

@@ -28,6 +28,8 @@ from flwr.serverapp import Grid, ServerApp
 from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, Instruction, ServerAlgorithm, TrainResult
 from pf2lora.algorithms.fedavg import clients_per_round
+from pf2lora.algorithms.validation import problem
+from pf2lora.compression import compress
 from pf2lora.config import ConfigError, ExperimentConfig, load_config
 from pf2lora.engines.flower.records import METRIC, decode_params, encode_config, encode_params, message_bytes
 from pf2lora.engines.workers import failure_reasons
@@ -65,9 +67,11 @@ class FlowerEngine:
         self._personal: dict[int, int] = {}
 
     def _exchange(
-        self, kind: str, server_round: int, instructions: dict[int, Instruction]
+        self, kind: str, server_round: int, instructions: dict[int, Instruction], require: bool = True
     ) -> tuple[dict[int, Message], dict[int, str], dict[int, int], dict[int, int]]:
-        """Send every instruction to its client's node; the replies, failures and bytes each way."""
+        """Send every instruction to its client's node; the replies, failures and bytes each way.
+        ``require``: check here that enough clients answered (else the caller checks, after its own
+        checks of the replies)."""
         messages, down = {}, {}
         for cid, instruction in instructions.items():
             content = RecordDict(
@@ -91,16 +95,21 @@ class FlowerEngine:
         for cid in messages:
             if cid not in replies and cid not in failed:
                 failed[cid] = f"no reply within {self.cfg.flower.timeout:g} s"
-        needed = min(len(messages), self.cfg.flower.min_replies or len(messages))
-        if len(replies) < needed:
-            reasons = failure_reasons(failed)
-            raise FederationError(
-                f"{self.name} round {server_round} ({kind}): {len(replies)} of {len(messages)} clients answered, "
-                f"at least {needed} needed ({reasons})"
-            )
         for cid, reason in sorted(failed.items()):
             log.warning("%s round %d (%s): client %d failed: %s", self.name, server_round, kind, cid, reason)
+        if require:
+            self._require(kind, server_round, len(messages), len(replies), failed)
         return replies, failed, down, up
+
+    def _require(self, kind: str, server_round: int, sent: int, good: int, failed: dict[int, str]) -> None:
+        """Stop the run unless ``flower.min_replies`` (default: all) of the ``sent`` clients answered well."""
+        needed = min(sent, self.cfg.flower.min_replies or sent)
+        if good < needed:
+            raise FederationError(
+                f"{self.name} round {server_round} ({kind}): {good} of {sent} clients answered"
+                f"{' with an update that passed the checks' if kind == 'train' else ''}, at least {needed} needed "
+                f"({failure_reasons(failed)})"
+            )
 
     def _record(self, server_round: int, kind: str, cid: int, reply: Message, size: int) -> None:
         if self.audit is None:
@@ -112,13 +121,22 @@ class FlowerEngine:
 
     def train_round(self, server_round: int) -> dict[str, Any]:
         instructions = self.server.configure_train(server_round, self.client_ids)
-        replies, failed, down, up = self._exchange("train", server_round, instructions)
-        results, clients = {}, {}
+        replies, failed, down, up = self._exchange("train", server_round, instructions, require=False)
+        results, clients, rejected = {}, {}, {}
+        compression, bound = self.cfg.train.compression, self.cfg.train.update_norm_bound
         for cid in sorted(replies):
             content = replies[cid].content
             metrics = dict(content["metrics"])  # type: ignore[arg-type]
-            params = decode_params(content["arrays"])  # type: ignore[arg-type]
             num_examples = int(metrics.pop("num-examples"))
+            # checked as it travelled (the wire dtype), then cast back to what was sent
+            wire = TrainResult(decode_params(content["arrays"], cast=False), num_examples, metrics)  # type: ignore[arg-type]
+            sent = instructions[cid]
+            reason = problem(self.server, Instruction(compress(sent.params, compression), sent.config), wire, bound)
+            if reason is not None:
+                rejected[cid] = reason
+                log.warning("%s round %d: client %d's update rejected: %s", self.name, server_round, cid, reason)
+                continue
+            params = {k: v.to(sent.params[k].dtype) if v.is_floating_point() else v for k, v in wire.params.items()}
             results[cid] = TrainResult(params, num_examples, metrics)  # type: ignore[arg-type]
             clients[cid] = {
                 **metrics,
@@ -127,10 +145,13 @@ class FlowerEngine:
                 "parameters_received": numel(instructions[cid].params),
                 "parameters_sent": numel(params),
             }
+        self._require("train", server_round, len(instructions), len(results), {**failed, **rejected})
         self.server.aggregate_train(server_round, results)
         record: dict[str, Any] = {"round": server_round, "clients": clients}
         if failed:
             record["failed"] = failed
+        if rejected:
+            record["rejected"] = rejected
         return record
 
     def evaluate(self, server_round: int, final: bool = False) -> tuple[Evaluation, dict[str, Any]]:
