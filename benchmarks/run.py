@@ -71,6 +71,7 @@ def main() -> None:
     plain = {k: v for k, v in ENV.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     print("local engine: 2 worker processes, then 1 process (fresh processes)...", flush=True)
     workers = {str(n): _subprocess("benchmarks.workers", str(n), "2", env=plain) for n in (2, 1)}
+    workers["ceiling"] = _subprocess("benchmarks.workers", "ceiling", "pf2lora", env=plain)
     print("deployment on loopback against the local engine...", flush=True)
     deployment = _subprocess("benchmarks.deployment", os.environ.get("BENCH_SITES", "fork"), env=plain)
     print("causal LM: step times and generation throughput (fresh process)...", flush=True)
@@ -178,6 +179,18 @@ def print_table(r: dict) -> None:
                 "local engine, 2 workers / 1 process: clients trained per second",
                 f"{two['clients_per_second'] / one['clients_per_second']:.2f}x",
                 ">= 1.3x",
+            ),
+            *(
+                [
+                    (
+                        "  the most 2 processes side by side can gain here (threads scale "
+                        f"{workers['ceiling']['thread_scaling']:.2f}x)",
+                        f"{workers['ceiling']['process_ceiling']:.2f}x",
+                        "reported",
+                    )
+                ]
+                if "ceiling" in workers
+                else []
             ),
             (
                 "local engine, 2 workers / 1 process: peak memory (summed PSS)",

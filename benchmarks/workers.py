@@ -9,6 +9,7 @@ would count the shared base model once per worker; PSS counts it once.
 
     python -m benchmarks.workers 2    # 2 worker processes, the cores shared between them
     python -m benchmarks.workers 1    # one process (no workers) at every core
+    python -m benchmarks.workers ceiling pf2lora   # the most that processes side by side can gain here
 """
 
 from __future__ import annotations
@@ -112,5 +113,60 @@ def measure(workers: int, rounds: int = 3) -> dict[str, float]:
     }
 
 
+def client_seconds(method: str, threads: int) -> float:
+    """Seconds one client of the default experiment takes to train one round (its 10 local steps),
+    in this process at ``threads`` threads: the mean of two rounds after a warm-up round."""
+    import torch
+
+    from pf2lora.config import load_config
+    from pf2lora.engines.local import LocalEngine
+    from pf2lora.runner import prepare
+
+    cfg = load_config("configs/default.yaml", [f"algorithms=[{method}]", "train.workers=1"])
+    prepared = prepare(cfg)
+    torch.set_num_threads(threads)
+    built = prepared.build(method, cfg)
+    engine = LocalEngine(built.server, built.client, prepared.data.train, prepared.data.test)
+    sent = built.server.configure_train(1, [0, 1])
+    built.client.train(1, sent[1], engine.state(1), prepared.data.train[1])  # warm-up
+    started = time.perf_counter()
+    for _ in range(2):
+        built.client.train(0, sent[0], engine.state(0), prepared.data.train[0])
+    return (time.perf_counter() - started) / 2
+
+
+def ceiling(method: str) -> dict[str, float]:
+    """What processes side by side can gain on this machine, without our pool: one client's round
+    alone at every core, alone at one thread, and at one thread in two independent processes at
+    once. The pool's clients per second can at best be ``2 x alone / side by side`` of one process's."""
+    import os
+    import subprocess
+
+    def run(threads: int, copies: int) -> list[float]:
+        command = [sys.executable, "-m", "benchmarks.workers", "client", method, str(threads)]
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(copies)]
+        return [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+
+    cores = len(os.sched_getaffinity(0))
+    alone = run(cores, 1)[0]
+    one_thread = run(1, 1)[0]
+    side_by_side = run(1, cores)
+    mean = sum(side_by_side) / len(side_by_side)
+    return {
+        "method": method,
+        "cores": cores,
+        "seconds_alone_all_cores": alone,
+        "seconds_alone_one_thread": one_thread,
+        "seconds_side_by_side_one_thread": mean,
+        "thread_scaling": one_thread / alone,
+        "process_ceiling": cores * alone / mean,
+    }
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
+    if sys.argv[1] == "client":  # client METHOD THREADS: one client's round, in this process
+        print(client_seconds(sys.argv[2], int(sys.argv[3])))
+    elif sys.argv[1] == "ceiling":  # ceiling [METHOD]
+        print(json.dumps(ceiling(sys.argv[2] if len(sys.argv) > 2 else "pf2lora")))
+    else:
+        print(json.dumps(measure(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
