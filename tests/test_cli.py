@@ -89,6 +89,15 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path, capsys) -> No
     assert (out / "results.json").read_text() == '{"kept": true}'
 
 
+def test_an_out_directory_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("kept")
+    assert main(["run", *TINY, "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"pf2lora: error: --out {blocker / 'run'} cannot be made: {blocker} is a file"
+    assert blocker.read_text() == "kept"
+
+
 def test_exit_status_from_a_real_process(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pf2lora.cli", "run", "lora.rank=-1"], capture_output=True, text=True, cwd=tmp_path
