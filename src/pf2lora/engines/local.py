@@ -12,7 +12,6 @@ from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 
 from pf2lora.adapters.export import PeftExporter
@@ -31,6 +30,7 @@ from pf2lora.compression import transmit
 from pf2lora.config import ExperimentConfig
 from pf2lora.engines.states import DiskStates, PackedStates
 from pf2lora.engines.workers import Task, WorkerDied, WorkerPool, failure_reasons
+from pf2lora.families import model_device
 from pf2lora.parallelism import Plan, plan
 from pf2lora.tasks import records_dir
 from pf2lora.utils import numel, release_free_memory
@@ -348,7 +348,7 @@ def local_engine(
     state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
     on_step = progress(name, steps) if progress else None
     records = records_dir(out, cfg.task.name, name)
-    on_gpu = cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
+    on_gpu = model_device(cfg).type == "cuda"
     workers = plan(1 if on_gpu else cfg.train.workers, cfg.train.threads, max(per_round, len(test)))
     return LocalEngine(
         server,

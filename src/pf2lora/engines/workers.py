@@ -64,6 +64,13 @@ class Task:
 Work = Callable[..., Any]
 
 
+def settle_before_fork() -> None:
+    """Make what this process holds now cheap to share with the processes it forks next."""
+    gc.collect()
+    gc.freeze()  # objects alive now are not touched by the children's collectors: fewer pages copied
+    release_free_memory()  # free heap goes back to the OS, not copied into each child on reuse
+
+
 class WorkerPool:
     """``size`` forked workers of ``threads`` threads, each running ``work(kind, cid, *args)`` for
     the tasks it is handed. Start it after everything the workers need is built (they inherit it)."""
@@ -75,9 +82,7 @@ class WorkerPool:
     def start(self) -> None:
         if self._workers:
             return
-        gc.collect()
-        gc.freeze()  # objects alive now are not touched by the workers' collector: fewer pages copied
-        release_free_memory()  # free heap goes back to the OS, not copied into each worker on reuse
+        settle_before_fork()
         ready = self._fork_all()
         if not ready and self.threads > 1:
             log.warning(

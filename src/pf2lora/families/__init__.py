@@ -73,8 +73,8 @@ def check_runtime(cfg: ExperimentConfig) -> None:
     check(cfg)
     if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device={cfg.model.device} but torch sees no CUDA device")
-    t, cores = cfg.train, available_cores()
-    if model_device(cfg).type == "cuda" and t.workers not in (None, 1):
+    t, cores, on_gpu = cfg.train, available_cores(), model_device(cfg).type == "cuda"
+    if on_gpu and t.workers not in (None, 1):
         raise ConfigError(
             f"train.workers={t.workers} trains clients in forked CPU processes, which cannot share a CUDA "
             "device; leave it unset (or 1) with model.device=cuda"
@@ -84,7 +84,7 @@ def check_runtime(cfg: ExperimentConfig) -> None:
             f"train.workers x train.threads = {t.workers} x {t.threads} exceeds the {cores} cores "
             "this process may use; lower one of them"
         )
-    if cfg.engine == "local" and model_device(cfg).type != "cuda" and not in_process(t.workers, cores):
+    if cfg.engine == "local" and not on_gpu and not in_process(t.workers, cores):
         torch.set_num_threads(1)
     elif t.threads:
         torch.set_num_threads(t.threads)

@@ -83,6 +83,13 @@ class Experiment:
 
 
 _EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def _config(text: str) -> ExperimentConfig:
+    """The experiment's config from the YAML text the server sent, checked."""
+    return from_dict(ExperimentConfig, yaml.safe_load(text)).validate()
+
+
 HANDOFF_ENV = "PF2LORA_SITE_HANDOFF"  # under `pf2lora site`: where a new experiment's text is left
 
 
@@ -101,7 +108,7 @@ def experiment(text: str) -> Experiment:
     """The experiment of config ``text``, prepared once per process."""
     key = hashlib.sha256(text.encode()).hexdigest()
     if key not in _EXPERIMENTS:
-        cfg = from_dict(ExperimentConfig, yaml.safe_load(text)).validate()
+        cfg = _config(text)
         prepared = prepare(cfg)
         _EXPERIMENTS.clear()  # one experiment at a time per process
         _EXPERIMENTS[key] = Experiment(cfg, prepared)
@@ -176,7 +183,7 @@ def join(msg: Message, context: Context) -> Message:
     """Take part in the experiment the server describes; say which partition this node holds."""
     config = msg.content["config"]
     cid, text = _partition(context), str(config["experiment"])  # type: ignore[index]
-    cfg = from_dict(ExperimentConfig, yaml.safe_load(text)).validate()  # prepared at the first train
+    cfg = _config(text)  # checked here, prepared at the first train
     if not 0 <= cid < cfg.data.num_clients:
         raise ValueError(f"partition-id {cid} is outside the experiment's {cfg.data.num_clients} clients")
     _announce(text)

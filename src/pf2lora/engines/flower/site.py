@@ -26,7 +26,6 @@ Run it next to a SuperNode started with ``--isolation process``::
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -44,8 +43,8 @@ from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
 from pf2lora.engines.flower import client_app
+from pf2lora.engines.workers import settle_before_fork
 from pf2lora.parallelism import available_cores
-from pf2lora.utils import release_free_memory
 
 log = logging.getLogger(__name__)
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting of how often its loop asks
@@ -86,9 +85,7 @@ class ForkExecutor:
             return
         cores = available_cores()  # $PF2LORA_CORES where sites share a machine
         self.threads = min(exp.cfg.train.threads or cores, cores)
-        gc.collect()
-        gc.freeze()  # what is alive now is shared with every fork, not touched by their collectors
-        release_free_memory()
+        settle_before_fork()  # what is alive now is shared with every fork
         log.info("site: experiment %s prepared once; every message forks from it", exp.cfg.name)
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
