@@ -81,7 +81,9 @@ def test_client_states_on_disk_give_the_same_run(tmp_path) -> None:
         )
         engine.run(2)
         runs.append(engine)
-    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["client0.pt", "client1.pt", "client2.pt"]
+    # the two latest versions of each client's state, by the round it was written in
+    versions = [f"client{c}.r{r}.pt" for c in range(3) for r in (1, 2)]
+    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == versions
     for cid in range(3):
         for name, tensor in runs[0].states[cid]["personal"].items():
             torch.testing.assert_close(runs[1].states[cid]["personal"][name], tensor, rtol=0, atol=0)

@@ -18,18 +18,21 @@ from typing import Any
 from pf2lora.config import ConfigError, ExperimentConfig, load_config
 from pf2lora.engines.local import local_engine
 from pf2lora.families import PreparedRun
-from pf2lora.runner import Progress, check_out_dir, prepare
+from pf2lora.runner import Progress, check_out_dir, check_resume, prepare
 from pf2lora.runner import run as run_prepared
 
 
-def run_on_engine(prepared: PreparedRun, out: Path, progress: Progress | None = None) -> dict[str, Any]:
+def run_on_engine(
+    prepared: PreparedRun, out: Path, progress: Progress | None = None, resume: bool = False
+) -> dict[str, Any]:
     """Run a prepared experiment (from :func:`prepare`) on its engine: Flower's simulation runtime
-    for ``engine=flower``, else in process. Returns ``results.json``."""
+    for ``engine=flower``, else in process. ``resume``: continue the run killed in ``out`` (checked
+    first with :func:`check_resume`). Returns ``results.json``."""
     if prepared.cfg.engine == "flower":
         from pf2lora.engines.flower.simulation import run_simulation  # Flower only where asked for
 
-        return run_simulation(prepared, out, progress)
-    return run_prepared(prepared, out, local_engine, progress)
+        return run_simulation(prepared, out, progress, resume)
+    return run_prepared(prepared, out, local_engine, progress, resume)
 
 
 def run(
@@ -38,18 +41,23 @@ def run(
     overrides: list[str] | tuple[str, ...] = (),
     force: bool = False,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run an experiment from Python: ``config`` a config object, a YAML path or None (the
     defaults), ``overrides`` dotted ``key=value`` strings on top, ``out`` the run directory
-    (default ``runs/<name>``). Every input is checked first (:class:`ConfigError` on bad input,
-    before anything is written). Returns what ``results.json`` holds, method by method."""
+    (default ``runs/<name>``). ``resume``: continue the run killed in ``out`` (its config must be
+    this one). Every input is checked first (:class:`ConfigError` on bad input, before anything is
+    written). Returns what ``results.json`` holds, method by method."""
     if isinstance(config, ExperimentConfig):
         cfg = load_config(None, list(overrides), base=config) if overrides else config
     else:
         cfg = load_config(None if config is None else str(config), list(overrides))
     folder = Path(out) if out is not None else Path("runs") / cfg.name
-    check_out_dir(folder, force)
-    return run_on_engine(prepare(cfg), folder, progress)
+    if resume:
+        check_resume(folder, cfg)
+    else:
+        check_out_dir(folder, force)
+    return run_on_engine(prepare(cfg), folder, progress, resume)
 
 
-__all__ = ["ConfigError", "check_out_dir", "prepare", "run", "run_on_engine"]
+__all__ = ["ConfigError", "check_out_dir", "check_resume", "prepare", "run", "run_on_engine"]

@@ -1,4 +1,4 @@
-"""Command line: ``pf2lora run [CONFIG] [key=value ...] [--out DIR] [--force]``, ``pf2lora compare``,
+"""Command line: ``pf2lora run [CONFIG] [key=value ...] [--out DIR] [--force] [--resume DIR]``, ``pf2lora compare``,
 ``pf2lora synthetic``, ``pf2lora methods``, ``pf2lora site`` (a Flower site's task runner).
 
 Bad input (config, data, model) is reported as one line on stderr with exit status 2, before any
@@ -14,7 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
-from pf2lora.config import ConfigError, load_config
+from pf2lora.config import ConfigError, ExperimentConfig, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
     run.add_argument("--force", action="store_true", help="allow writing into a non-empty --out")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the run killed in DIR from its last complete round; a CONFIG given must be the run's "
+        "own, overrides apply to the run's config (only train.workers may change)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     cmp = sub.add_parser(
         "compare",
@@ -41,7 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
     cmp.add_argument("--out", type=Path, help="output directory (default: runs/compare-<name>-<time>)")
     cmp.add_argument("--force", action="store_true", help="allow writing into a non-empty --out")
-    cmp.add_argument("--resume", action="store_true", help="keep the finished runs in --out, run the rest")
+    cmp.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep finished runs in --out, continue half-done ones from their last complete round, run the rest",
+    )
     cmp.add_argument(
         "--metric",
         default=None,
@@ -213,6 +224,17 @@ def compare(args: argparse.Namespace, items: list[str]) -> int:
     return 0
 
 
+def resumed_config(out: Path, config: str | None, overrides: list[str]) -> ExperimentConfig:
+    """The config ``--resume out`` runs: the run's own; a ``config`` given must be the same, and
+    ``overrides`` apply on top of it (both checked by :func:`pf2lora.runner.check_resume`)."""
+    from pf2lora.runner import check_resume
+
+    written = check_resume(out, None)
+    if config is None and not overrides:
+        return written
+    return check_resume(out, load_config(config, overrides, base=None if config is not None else written))
+
+
 def flower_federation_error() -> type[Exception]:
     """Flower's error for a federation that cannot go on (its simulation runtime importable), or a
     ConfigError saying how to install Flower."""
@@ -256,11 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     config = items[0] if items and "=" not in items[0] else None
     overrides = items[1:] if config is not None else items
     try:
-        cfg = load_config(config, overrides)
-        out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         from pf2lora.api import check_out_dir, prepare, run_on_engine
 
-        check_out_dir(out, args.force)
+        if args.resume is not None:
+            if args.out is not None and args.out.resolve() != args.resume.resolve():
+                raise ConfigError(f"--out {args.out} and --resume {args.resume} name different directories")
+            out, cfg = args.resume, resumed_config(args.resume, config, overrides)
+            if (out / "results.json").is_file() and not (out / "resume").exists():
+                print(f"pf2lora: the run in {out} is complete; nothing to resume")
+                return 0
+        else:
+            cfg = load_config(config, overrides)
+            out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            check_out_dir(out, args.force)
         from pf2lora.engines.local import RoundFailed
 
         federation_errors: tuple[type[Exception], ...] = (RoundFailed,)  # too few good updates in a round
@@ -274,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with Progress(disabled=args.quiet) as progress:
         try:
-            results = run_on_engine(prepared, out, progress.task)
+            results = run_on_engine(prepared, out, progress.task, resume=args.resume is not None)
         except federation_errors as err:  # too few good updates: what ran is in the run directory
             print(f"pf2lora: error: {err}", file=sys.stderr)
             return 1

@@ -25,7 +25,7 @@ import yaml
 
 from pf2lora.config import ConfigError, ExperimentConfig, from_dict, load_config
 from pf2lora.methods import check, get
-from pf2lora.runner import check_out_dir
+from pf2lora.runner import check_out_dir, check_resume
 from pf2lora.tasks import task_class
 
 ABLATIONS = {"bilevel": ("pf2lora", ["train.hypergradient=joint"])}
@@ -263,21 +263,24 @@ def execute(
     todo = []
     for i, (row, column, seed, cfg) in enumerate(grid.runs):
         folder = run_dir(out, row, column, seed)
+        what = f"{row.label} | {column.label} | seed {seed}"
         if resume and _finished(folder, cfg):
             if on_run is not None:
-                on_run(i, len(grid.runs), f"{row.label} | {column.label} | seed {seed} (kept)")
+                on_run(i, len(grid.runs), f"{what} (kept)")
             continue
-        if folder.exists():
+        half_done = resume and _resumable(folder, cfg)
+        if folder.exists() and not half_done:
             for stale in sorted(folder.rglob("*"), reverse=True):
                 stale.unlink() if stale.is_file() else stale.rmdir()
-        todo.append((i, f"{row.label} | {column.label} | seed {seed}", cfg, folder))
+        todo.append((i, f"{what} (resumed)" if half_done else what, cfg, folder, half_done))
     if jobs > 1 and len(todo) > 1:
         _execute_parallel(todo, len(grid.runs), jobs, on_run)
     else:
-        for i, what, cfg, folder in todo:
+        for i, what, cfg, folder, half_done in todo:
             if on_run is not None:
                 on_run(i, len(grid.runs), what)
-            run_on_engine(prepared_for(cfg), folder, progress)  # on Flower's simulation runtime for engine=flower
+            # on Flower's simulation runtime for engine=flower; a half-done run from its last complete round
+            run_on_engine(prepared_for(cfg), folder, progress, resume=half_done)
     table = build_table(grid, out)
     table["seconds"] = round(time.perf_counter() - started, 1)
     write_table(table, out)
@@ -319,7 +322,7 @@ def run(
 
 
 def _execute_parallel(
-    todo: list[tuple[int, str, ExperimentConfig, Path]],
+    todo: list[tuple[int, str, ExperimentConfig, Path, bool]],
     total: int,
     jobs: int,
     on_run: Callable[[int, int, str], None] | None,
@@ -334,8 +337,8 @@ def _execute_parallel(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {}
-        for i, what, cfg, folder in todo:
-            futures[pool.submit(_run_in_worker, cfg.to_dict(), str(folder), threads)] = (i, what)
+        for i, what, cfg, folder, half_done in todo:
+            futures[pool.submit(_run_in_worker, cfg.to_dict(), str(folder), threads, half_done)] = (i, what)
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -350,8 +353,8 @@ def _execute_parallel(
                     on_run(i, total, f"{what} ({future.result():.0f}s)")
 
 
-def _run_in_worker(cfg_dict: dict[str, Any], folder: str, threads: int) -> float:
-    """One run of the grid in a worker process; returns its seconds."""
+def _run_in_worker(cfg_dict: dict[str, Any], folder: str, threads: int, resume: bool = False) -> float:
+    """One run of the grid in a worker process (``resume``: a half-done one, continued); returns its seconds."""
     import os
     import warnings
 
@@ -368,7 +371,7 @@ def _run_in_worker(cfg_dict: dict[str, Any], folder: str, threads: int) -> float
     cfg = from_dict(ExperimentConfig, cfg_dict).validate()
     if not cfg.train.threads:
         torch.set_num_threads(threads)
-    run_on_engine(prepare(cfg), Path(folder))
+    run_on_engine(prepare(cfg), Path(folder), resume=resume)
     return time.perf_counter() - started
 
 
@@ -380,6 +383,15 @@ def _finished(folder: Path, cfg: ExperimentConfig) -> bool:
         return done and (folder / "results.json").is_file()
     except (OSError, yaml.YAMLError, ConfigError):
         return False
+
+
+def _resumable(folder: Path, cfg: ExperimentConfig) -> bool:
+    """Whether ``folder`` holds this run, killed part way with a round or a method to go on from."""
+    try:
+        check_resume(folder, cfg)
+    except ConfigError:
+        return False
+    return (folder / "resume").is_dir()
 
 
 def build_table(grid: Plan, out: Path) -> dict[str, Any]:

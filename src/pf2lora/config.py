@@ -233,6 +233,30 @@ class FlowerConfig:
 
 
 @dataclass
+class DPConfig:
+    enabled: bool = _help(
+        "client-level differential privacy (DP-FedAvg): each client's update clipped, Gaussian noise added to "
+        "their sum, clients sampled independently with probability train.client_fraction",
+        False,
+    )
+    clip: float = _help("C: the largest L2 norm of one client's update of what it sends back", 1.0)
+    noise_multiplier: float = _help("sigma: the noise's standard deviation over C (0: clipping only, no privacy)", 1.0)
+    delta: float = _help("the delta at which the privacy spent (epsilon) is reported", 1e-5)
+    noise_seed: int | None = _help(
+        "seed the noise and the sampling (reproducible experiments only: whoever knows it can remove the noise); "
+        "None: the operating system's secure randomness",
+        None,
+    )
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        _check(self.clip > 0, f"dp.clip must be > 0, got {self.clip}")
+        _check(self.noise_multiplier >= 0, f"dp.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        _check(0 < self.delta < 1, f"dp.delta must be in (0, 1), got {self.delta}")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = _help("experiment name (used in the run directory name)", "experiment")
     seed: int = _help("seed for data, initialisation and sampling", 0)
@@ -249,6 +273,7 @@ class ExperimentConfig:
     flexlora: FlexLoRAConfig = field(default_factory=FlexLoRAConfig)
     feddpa: FedDPAConfig = field(default_factory=FedDPAConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     per_method: dict[str, Any] = _help(
         "settings for one method only, e.g. {pf2lora: {train: {lr: 1e-3}}} (sections lora, train and the methods' "
         "own: hetlora, perfedavg, pfedlora, flexlora, feddpa): the paper tunes learning rates per method (its Table 6)",
@@ -346,6 +371,12 @@ class ExperimentConfig:
         )
         _check(
             t.client_state in ("memory", "disk"), f"train.client_state must be memory or disk, got {t.client_state!r}"
+        )
+        self.dp.validate()
+        _check(
+            not self.dp.enabled or t.aggregation == "uniform",
+            "dp.enabled needs train.aggregation=uniform (DP-FedAvg divides the clipped updates' noisy sum by the "
+            "expected number of clients)",
         )
         pf = self.pfedlora
         _check(bool(pf.models), "pfedlora.models: give at least one architecture")

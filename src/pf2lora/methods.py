@@ -50,6 +50,7 @@ class Method:
     federated: bool = True  # can run on a federation (engine=flower)
     check: Callable[[ExperimentConfig], None] | None = None  # its own checks, ConfigError on bad input
     export_note: str = ""  # what a client's exported stock adapter does not reproduce (its model card says it)
+    averages: bool = False  # its server averages what clients send back: DP-FedAvg applies (dp.enabled)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum() or self.name != self.name.lower():
@@ -116,6 +117,18 @@ def check(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"{m.name} {reason}; it runs on engine=local only")
         if m.check is not None:
             m.check(cfg.for_method(m.name))
+    if cfg.dp.enabled:
+        from pf2lora.algorithms.dp import accounting_available
+
+        other = [m.name for m in methods if not m.averages]
+        if other:
+            raise ConfigError(
+                f"dp.enabled: {', '.join(other)} do{'es' if len(other) == 1 else ''} not average the clients' updates; "
+                f"DP-FedAvg runs with {', '.join(n for n in names() if get(n).averages)}"
+            )
+        missing = accounting_available()
+        if missing is not None:
+            raise ConfigError(missing)
     return cfg
 
 
@@ -125,8 +138,9 @@ for _method in (
         "lora",
         "common LoRA averaged + personal LoRA per client, trained as a bilevel problem (the paper's method)",
         pf2lora.build,
+        averages=True,
     ),
-    Method("homlora", "lora", "FedAvg over one LoRA of rank r (the paper's HOMLoRA)", homlora.build),
+    Method("homlora", "lora", "FedAvg over one LoRA of rank r (the paper's HOMLoRA)", homlora.build, averages=True),
     Method(
         "hetlora",
         "lora",
@@ -140,6 +154,7 @@ for _method in (
         "MAML over one LoRA, one personalising SGD step before evaluation (Per-FedAvg-LoRA)",
         perfedavg.build,
         settings=("perfedavg",),
+        averages=True,
     ),
     Method(
         "centralized",
@@ -154,12 +169,14 @@ for _method in (
         "lora",
         "A averaged, B stays on each client (FedSA-LoRA, Guo et al. 2025)",
         fedsa.build,
+        averages=True,
     ),
     Method(
         "ffa_lora",
         "lora",
         "A frozen at a shared random init, only B trained and averaged (FFA-LoRA, Sun et al. 2024)",
         ffa.build,
+        averages=True,
     ),
     Method(
         "flexlora",
@@ -174,6 +191,7 @@ for _method in (
         "FedAvg global adapter + local adapter, mixed per test instance by similarity (FedDPA, Yang et al. 2024)",
         feddpa.build,
         settings=("feddpa",),
+        averages=True,
         export_note=(
             "FedDPA weights the local adapter per test instance; a stock adapter cannot. This adapter is "
             "the model at the training weight (feddpa.local_weight): global B scaled by 1 - lambda, local B by lambda."

@@ -80,6 +80,15 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
         table.add_row(*row)
     console.print(table)
     console.print("rank = mean effective rank over clients and adapted modules (90% of singular-value mass)")
+    for method, r in results.items():
+        if "privacy" in r:
+            p = r["privacy"]
+            epsilon = p["epsilon"] if isinstance(p["epsilon"], str) else f"{p['epsilon']:.2f}"
+            console.print(
+                f"{method}: client-level DP, epsilon {epsilon} at delta {p['delta']:g} (noise multiplier "
+                f"{p['noise_multiplier']:g}, clip {p['clip']:g}, sampling rate {p['sampling_rate']:g}, "
+                f"{p['rounds']} rounds; {p['accountant']}){' - seeded noise: not private' if p['seeded_noise'] else ''}"
+            )
     console.print(f"run directory: {out}")
 
 

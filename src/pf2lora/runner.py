@@ -8,8 +8,11 @@ method registry; nothing here dispatches on a method's name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,10 +25,12 @@ from safetensors.torch import save_file
 
 from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ServerAlgorithm
-from pf2lora.config import ConfigError, ExperimentConfig
-from pf2lora.families import PreparedRun, heterogeneous, lora
+from pf2lora.algorithms.dp import DPFedAvgServer, privacy_spent
+from pf2lora.config import ConfigError, ExperimentConfig, from_dict
+from pf2lora.families import Built, PreparedRun, heterogeneous, lora
 from pf2lora.methods import family_of, get
 from pf2lora.metrics import summarize
+from pf2lora.rounds import Checkpoint
 
 _PREPARE = {"lora": lora.prepare, "heterogeneous": heterogeneous.prepare}
 
@@ -58,13 +63,29 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 class RunLog:
     """A run directory's ``config.yaml`` (written at once) and ``metrics.jsonl`` (one line per method
-    and round, flushed as it comes)."""
+    and round, flushed as it comes). ``resume_at``: continue a run's ``metrics.jsonl`` from this byte
+    offset (what its last checkpoint had seen; a line written after it is dropped)."""
 
-    def __init__(self, out: Path, cfg: ExperimentConfig) -> None:
+    def __init__(self, out: Path, cfg: ExperimentConfig, resume_at: int | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.path = out / "metrics.jsonl"
-        self._file = open(self.path, "w")  # noqa: SIM115 - closed by __exit__
+        if resume_at is None:
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._file = open(self.path, "w")  # noqa: SIM115 - closed by __exit__
+        else:
+            self._file = open(self.path, "r+")  # noqa: SIM115 - closed by __exit__
+            self._file.truncate(resume_at)
+            self._file.seek(resume_at)
+
+    def position(self) -> int:
+        """How far ``metrics.jsonl`` has been written (bytes)."""
+        return self._file.tell()
+
+    def records(self, name: str) -> list[dict[str, Any]]:
+        """Method ``name``'s round records written so far."""
+        self._file.flush()
+        lines = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [{k: v for k, v in line.items() if k != "algorithm"} for line in lines if line["algorithm"] == name]
 
     def __enter__(self) -> RunLog:
         return self
@@ -88,7 +109,9 @@ class Engine(Protocol):
 
     client_ids: list[int]
 
-    def run(self, rounds: int, eval_every: int, on_round: Callable[[dict[str, Any]], None]) -> Any: ...
+    def run(
+        self, rounds: int, eval_every: int, on_round: Callable[[dict[str, Any]], None], checkpoint: Checkpoint
+    ) -> Any: ...
 
     def personal_parameters(self) -> dict[int, int]: ...
 
@@ -110,22 +133,36 @@ EngineFactory = Callable[
 
 
 def run(
-    prepared: PreparedRun, out: Path, engine_factory: EngineFactory, progress: Progress | None = None
+    prepared: PreparedRun,
+    out: Path,
+    engine_factory: EngineFactory,
+    progress: Progress | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every method of ``prepared.cfg``, each on the engine ``engine_factory`` makes, and write
-    the run directory. Returns ``results.json``."""
+    the run directory, leaving a checkpoint after every round (:mod:`pf2lora.rounds`). ``resume``:
+    ``out`` holds this run, killed part way (:func:`check_resume`); the methods it finished are
+    kept and the one it was running goes on from its last complete round. Returns ``results.json``."""
     cfg, data = prepared.cfg, prepared.data
     results: dict[str, Any] = {}
-    with RunLog(out, cfg) as log:
+    finished = _finished_methods(out, cfg.algorithms) if resume else {}
+    with RunLog(out, cfg, _resume_offset(out, cfg.algorithms, finished) if resume else None) as log:
         for name in cfg.algorithms:
+            if name in finished:
+                results[name] = finished[name]["result"]
+                continue
             started = time.perf_counter()
             method = get(name)
             mcfg = cfg.for_method(name)  # per_method settings merged in
-            built = prepared.build(name, mcfg)
+            built = build(prepared, name, mcfg)
             train = [data.pooled_train()] if method.pooled else data.train
             engine = engine_factory(out, name, mcfg, built.server, built.client, train, data.test, progress)
             traffic = Traffic()
-            per_client, ranks = engine.run(mcfg.train.rounds, mcfg.train.eval_every, log.recorder(name, traffic.add))
+            for record in log.records(name):  # rounds of a resumed method run before the crash
+                traffic.add(record)
+            checkpoint = Checkpoint(out, name, log.position)
+            record = log.recorder(name, traffic.add)
+            per_client, ranks = engine.run(mcfg.train.rounds, mcfg.train.eval_every, record, checkpoint)
             mean, std = summarize(per_client)
             fields = prepared.result(name, built, engine, traffic)
             results[name] = {
@@ -138,17 +175,114 @@ def run(
                 # nothing travels in pooled training
                 "communicated_parameters_per_client_round": None if method.pooled else traffic.per_client_round(),
                 **fields,
+                **({"privacy": privacy(mcfg)} if mcfg.dp.enabled else {}),
                 "seconds": round(time.perf_counter() - started, 2),
             }
             save_common(out / "checkpoints" / name, built.server.global_params)
             engine.save_clients(out, name, built.exporter, mcfg.train.rounds, per_client)
             del engine, built
+            _write_json(checkpoint.folder / "done.json", {"result": results[name], "metrics_bytes": log.position()})
+            checkpoint.clear()
+            shutil.rmtree(checkpoint.folder / "clients", ignore_errors=True)
     results.update(prepared.summary(results))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _write_json(out / "results.json", results)
     from pf2lora.plots import plot_run  # matplotlib only when writing plots
 
     plot_run(out, {k: v for k, v in results.items() if k != "accounting"}, out / "metrics.jsonl")
+    shutil.rmtree(out / "resume", ignore_errors=True)  # the run is complete: nothing to resume
     return results
+
+
+def build(prepared: PreparedRun, name: str, cfg: ExperimentConfig) -> Built:
+    """Method ``name``'s parts; with ``dp.enabled`` its server wrapped in DP-FedAvg
+    (:mod:`pf2lora.algorithms.dp`), which samples the clients itself."""
+    if not cfg.dp.enabled:
+        return prepared.build(name, cfg)
+    every = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, client_fraction=1.0))
+    built = prepared.build(name, every)
+    dp = cfg.dp
+    server = DPFedAvgServer(built.server, dp.clip, dp.noise_multiplier, cfg.train.client_fraction, dp.noise_seed)
+    return Built(server, built.client, built.exporter)
+
+
+def privacy(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What results.json says of a DP run's privacy: epsilon at delta after its rounds, and how."""
+    dp, t = cfg.dp, cfg.train
+    epsilon = privacy_spent(dp.noise_multiplier, t.client_fraction, t.rounds, dp.delta)
+    return {
+        "epsilon": epsilon if math.isfinite(epsilon) else "inf",
+        "delta": dp.delta,
+        "noise_multiplier": dp.noise_multiplier,
+        "clip": dp.clip,
+        "sampling_rate": t.client_fraction,
+        "rounds": t.rounds,
+        "accountant": "RDP, Poisson-sampled Gaussian (dp-accounting)",
+        "seeded_noise": dp.noise_seed is not None,
+    }
+
+
+def check_resume(out: Path, cfg: ExperimentConfig | None) -> ExperimentConfig:
+    """The config of the run in ``out`` that ``--resume`` continues; ConfigError if ``out`` is not a
+    run directory or ``cfg`` (when given) differs from the run's own in anything but
+    ``train.workers`` (how many processes run it, not what it computes)."""
+    if not out.is_dir():
+        raise ConfigError(f"--resume {out}: no such directory")
+    if not (out / "config.yaml").is_file() or not (out / "metrics.jsonl").is_file():
+        raise ConfigError(f"--resume {out} is not a pf2lora run directory (no config.yaml and metrics.jsonl)")
+    try:
+        written = from_dict(ExperimentConfig, yaml.safe_load((out / "config.yaml").read_text())).validate()
+    except (yaml.YAMLError, ConfigError, TypeError, ValueError) as err:
+        raise ConfigError(f"--resume {out}: its config.yaml cannot be read ({err})") from err
+    if cfg is None:
+        return written
+    ours, theirs = _flat(cfg.to_dict()), _flat(written.to_dict())
+    differ = sorted(k for k in set(ours) | set(theirs) if k != "train.workers" and ours.get(k) != theirs.get(k))
+    if differ:
+        key = differ[0]
+        raise ConfigError(
+            f"--resume {out}: the run was started with {key}={theirs.get(key)!r}, not {ours.get(key)!r} "
+            f"({len(differ)} setting{'s differ' if len(differ) > 1 else ' differs'}); resume it with its own config"
+        )
+    return cfg
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _finished_methods(out: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The methods a resumed run had finished (each with its result and where metrics.jsonl then stood)."""
+    done = {}
+    for name in names:
+        path = out / "resume" / name / "done.json"
+        if path.is_file():
+            done[name] = json.loads(path.read_text())
+    return done
+
+
+def _resume_offset(out: Path, names: list[str], finished: dict[str, dict[str, Any]]) -> int:
+    """Where the resumed run's metrics.jsonl ends: after the last round its checkpoints saw."""
+    offset = 0
+    for name in names:
+        if name in finished:
+            offset = finished[name]["metrics_bytes"]
+            continue
+        saved = Checkpoint(out, name).metrics_bytes()
+        return offset if saved is None else saved
+    return offset
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, written whole and then renamed in."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
 
 
 class Traffic:

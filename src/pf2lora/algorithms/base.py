@@ -100,6 +100,15 @@ class ServerAlgorithm(ABC):
     @abstractmethod
     def global_params(self) -> Params: ...
 
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """Everything this server carries from one round to the next (its global parameters, and
+        what else it learns, such as HETLoRA's client ranks), for the round's checkpoint."""
+
+    @abstractmethod
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Go on from what :meth:`state` returned (a resumed run)."""
+
 
 class ClientAlgorithm(ABC):
     """Local training and evaluation for one client at a time, state in and state out."""

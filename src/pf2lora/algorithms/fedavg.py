@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -42,6 +43,12 @@ class FedAvgServer(ServerAlgorithm):
     @property
     def global_params(self) -> Params:
         return self._params
+
+    def state(self) -> dict[str, Any]:
+        return {"params": self._params}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._params = clone_params(state["params"])
 
     def configure_train(self, server_round: int, client_ids: list[int]) -> dict[int, Instruction]:
         chosen = sample_clients(client_ids, self.client_fraction, self.seed, "clients", server_round)

@@ -17,6 +17,7 @@ ranks, distribution by truncation, self-pruning, sparsity-weighted aggregation.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -110,6 +111,12 @@ class RankedServer(ServerAlgorithm):
     @property
     def global_params(self) -> Params:
         return self._params
+
+    def state(self) -> dict[str, Any]:
+        return {"params": self._params, "ranks": dict(self.ranks)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._params, self.ranks = clone_params(state["params"]), dict(state["ranks"])
 
     def _instruction(self, cid: int, server_round: int) -> Instruction:
         rank = self.ranks[cid]

@@ -32,12 +32,11 @@ from pf2lora.engines.states import DiskStates, PackedStates
 from pf2lora.engines.workers import Task, WorkerDied, WorkerPool, failure_reasons
 from pf2lora.families import model_device
 from pf2lora.parallelism import Plan, plan
+from pf2lora.rounds import Checkpoint, Evaluation, Record, run_rounds
 from pf2lora.tasks import records_dir
 from pf2lora.utils import numel, release_free_memory
 
 log = logging.getLogger(__name__)
-Record = dict[str, Any]
-Evaluation = tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]
 
 
 def save_client(
@@ -123,23 +122,29 @@ class LocalEngine:
         workers: Plan | None = None,
         norm_bound: float | None = None,
         min_replies: int | None = None,
+        mirror: Path | None = None,
     ) -> None:
-        """``train`` and ``test``: each client's splits. A method that trains on pooled data (centralized)
-        passes one training set and is still evaluated on every test split. ``state_dir``: keep client
-        states on disk there instead of in memory. ``compression``: none | fp16 | bf16, the dtype of
-        what travels each way. ``records``: a folder where the final evaluation writes each client's
-        per-example outputs (``client<k>.jsonl``) for tasks that keep them. ``workers``: train and
-        evaluate a round's clients in the worker processes this plan names (:mod:`pf2lora.engines.workers`;
-        None or a plan of 0 workers: one after another in this process). Either way a client's state lives here
-        and its results are the same for the same threads per client. Every update is checked before
-        it is aggregated (:mod:`pf2lora.algorithms.validation`, ``norm_bound`` its optional bound); a
-        rejected one is recorded under the round's ``rejected``. ``min_replies``: the least number of
-        a round's clients whose update must arrive and pass (None: one), else :class:`RoundFailed`."""
+        """``train`` and ``test``: each client's splits. A method that trains on pooled data
+        (centralized) passes one training set and is still evaluated on every test split.
+        ``state_dir``: keep client states on disk there instead of in memory; ``mirror``: keep them
+        in memory and write each as it changes there too (either way, versioned by round for a
+        resumed run). ``compression``: none | fp16 | bf16, the dtype of what travels each way.
+        ``records``: a folder where the final evaluation writes each client's per-example outputs
+        (``client<k>.jsonl``) for tasks that keep them. ``workers``: train and evaluate a round's
+        clients in the worker processes this plan names (:mod:`pf2lora.engines.workers`; None or a
+        plan of 0 workers: one after another in this process). Either way a client's state lives
+        here and its results are the same for the same threads per client. Every update is checked
+        before it is aggregated (:mod:`pf2lora.algorithms.validation`, ``norm_bound`` its optional
+        bound); a rejected one is recorded under the round's ``rejected``. ``min_replies``: the
+        least number of a round's clients whose update must arrive and pass (None: one), else
+        :class:`RoundFailed`."""
         self.compression, self.records = compression, records
         self.norm_bound, self.min_replies = norm_bound, min_replies
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
-        self.states: MutableMapping[int, ClientState] = DiskStates(state_dir) if state_dir else PackedStates()
+        self.states: MutableMapping[int, ClientState] = (
+            DiskStates(state_dir) if state_dir else PackedStates(DiskStates(mirror) if mirror else None)
+        )
         self.site = Site(client, self.states)
         self.on_step = on_step or (lambda: None)
         self.pool = None
@@ -186,13 +191,14 @@ class LocalEngine:
         """One communication round: local training on the sampled clients, then aggregation of the
         replies in the order the server asked for them. A client whose worker process died is left
         out of the aggregate and named under ``failed``."""
+        self.states.round = server_round  # type: ignore[attr-defined]
         instructions = self.server.configure_train(server_round, self.train_ids)
         received, down = {}, {}
         for cid, instruction in instructions.items():
             params, down[cid] = transmit(instruction.params, self.compression)
             received[cid] = Instruction(params, instruction.config)
         replies, failed = self._train(received)
-        if not replies:
+        if failed and not replies:
             raise WorkerDied(f"round {server_round}: no client finished its training ({failure_reasons(failed)})")
         rejected = {}
         for cid in list(replies):
@@ -306,27 +312,32 @@ class LocalEngine:
             exported = self.client.exported(view, state)
             save_client(out, name, cid, state, exported, exporter, len(self.client_ids), metrics.get(cid))
 
-    def run(self, rounds: int, eval_every: int = 0, on_round: Callable[[Record], None] | None = None) -> Evaluation:
+    def run(
+        self,
+        rounds: int,
+        eval_every: int = 0,
+        on_round: Callable[[Record], None] | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> Evaluation:
         """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (``rounds`` = 0:
-        evaluate the initial model only). Returns the final per-client metrics and effective ranks."""
+        evaluate the initial model only), going on from ``checkpoint`` and leaving one each round
+        (:func:`~pf2lora.rounds.run_rounds`). Returns the final per-client metrics and effective ranks."""
         with self:
-            return self._run(rounds, eval_every, on_round)
+            return run_rounds(self, rounds, eval_every, on_round, checkpoint)
 
-    def _run(self, rounds: int, eval_every: int, on_round: Callable[[Record], None] | None) -> Evaluation:
-        final: Evaluation = ({}, {})
-        if rounds == 0:  # the untrained model: evaluated as the server starts (round 0)
-            final = self.evaluate(0, final=True)
-            if on_round is not None:
-                on_round({"round": 0, "clients": {}, "eval": final[0], "effective_rank": final[1]})
-        for server_round in range(1, rounds + 1):
-            record = self.train_round(server_round)
-            if server_round == rounds or (eval_every and server_round % eval_every == 0):
-                final = self.evaluate(server_round, final=server_round == rounds)
-                record["eval"], record["effective_rank"] = final
-            log.debug("round %d done", server_round)
-            if on_round is not None:
-                on_round(record)
-        return final
+    def evaluate_round(self, server_round: int, final: bool) -> tuple[Evaluation, Record]:
+        self.states.round = server_round  # a client first seen here keeps its initial state as of this round
+        return self.evaluate(server_round, final), {}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The round's checkpoint: the server's state (client states are on disk already)."""
+        return {"server": self.server.state()}
+
+    def restore(self, saved: dict[str, Any], last_round: int) -> None:
+        """Go on after round ``last_round``: the server as ``saved``, every client as then."""
+        if saved:
+            self.server.load_state(saved["server"])
+        self.states.rollback(last_round)  # type: ignore[attr-defined]
 
 
 def local_engine(
@@ -340,12 +351,14 @@ def local_engine(
     progress: Callable[[str, int], Callable[[], None]] | None,
 ) -> LocalEngine:
     """The in-process engine for method ``name`` of a run (the runner's engine factory): client
-    state in memory or under ``out/client_state/<name>``, the configured compression, a progress
+    state in memory (written as it changes under ``out/resume/<name>/clients``, for a resumed run)
+    or under ``out/client_state/<name>``, the configured compression, a progress
     bar of client-rounds, each client's per-example outputs under ``out``, a round's clients in
     ``train.workers`` processes (:func:`~pf2lora.engines.workers.plan`)."""
     per_round = clients_per_round(len(train), cfg.train.client_fraction)
     steps = cfg.train.rounds * per_round
-    state_dir = out / "client_state" / name if cfg.train.client_state == "disk" else None
+    disk = cfg.train.client_state == "disk"
+    state_dir, mirror = (out / "client_state" / name, None) if disk else (None, out / "resume" / name / "clients")
     on_step = progress(name, steps) if progress else None
     records = records_dir(out, cfg.task.name, name)
     on_gpu = model_device(cfg).type == "cuda"
@@ -362,4 +375,5 @@ def local_engine(
         workers,
         cfg.train.update_norm_bound,
         cfg.flower.min_replies,
+        mirror,
     )

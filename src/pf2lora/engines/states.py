@@ -9,6 +9,7 @@ dtype; :func:`unpack` hands back views of it, so a held client costs its own byt
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,19 +74,32 @@ def unpack(packed: Packed) -> ClientState:
 
 
 class PackedStates(MutableMapping[int, ClientState]):
-    """Client states in memory, each packed into contiguous buffers."""
+    """Client states in memory, each packed into contiguous buffers; ``mirror``: also written to
+    these versioned files as they change (the run's resume point, :class:`DiskStates`), from
+    which :meth:`rollback` reads them back."""
 
-    def __init__(self) -> None:
+    def __init__(self, mirror: DiskStates | None = None) -> None:
         self._packed: dict[int, Packed] = {}
+        self.mirror = mirror
+
+    def rollback(self, last_round: int) -> None:
+        """Every client's state as of round ``last_round``, read back from the mirror."""
+        if self.mirror is not None:
+            self.mirror.rollback(last_round)
+            self._packed = {cid: self.mirror.packed(cid) for cid in self.mirror}
 
     def __getitem__(self, cid: int) -> ClientState:
         return unpack(self._packed[cid])
 
     def __setitem__(self, cid: int, state: ClientState) -> None:
         self._packed[cid] = pack(state)
+        if self.mirror is not None:
+            self.mirror.write(cid, self._packed[cid])
 
     def __delitem__(self, cid: int) -> None:
         del self._packed[cid]
+        if self.mirror is not None:
+            del self.mirror[cid]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._packed)
@@ -93,32 +107,78 @@ class PackedStates(MutableMapping[int, ClientState]):
     def __len__(self) -> int:
         return len(self._packed)
 
+    @property
+    def round(self) -> int:
+        return self.mirror.round if self.mirror is not None else 0
+
+    @round.setter
+    def round(self, value: int) -> None:
+        if self.mirror is not None:
+            self.mirror.round = value
+
+
+_VERSION = re.compile(r"client(\d+)\.r(\d+)\.pt")
+
 
 class DiskStates(MutableMapping[int, ClientState]):
-    """Client states in files (one ``torch.save`` per client), so memory holds one at a time."""
+    """Client states in files, one per client and round it was written in (``client<k>.r<round>.pt``,
+    ``round`` set by the engine before it writes), so memory holds one at a time. A read gives a
+    client's latest version; the two latest are kept, so that a crash in the middle of a round
+    leaves every client's state as of the last complete round (the latest version written in a
+    round at or before it), which :meth:`rollback` returns to. Each file is written whole, then
+    renamed in."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
+        self.folder, self.round = folder, 0
         folder.mkdir(parents=True, exist_ok=True)
+        self._versions: dict[int, list[int]] = {}
+        for path in folder.glob("client*.pt"):
+            if match := _VERSION.fullmatch(path.name):
+                self._versions.setdefault(int(match[1]), []).append(int(match[2]))
+        for tags in self._versions.values():
+            tags.sort()
 
-    def _path(self, cid: int) -> Path:
-        return self.folder / f"client{cid}.pt"
+    def _path(self, cid: int, tag: int) -> Path:
+        return self.folder / f"client{cid}.r{tag}.pt"
+
+    def packed(self, cid: int) -> Packed:
+        if not self._versions.get(cid):
+            raise KeyError(cid)
+        return torch.load(self._path(cid, self._versions[cid][-1]), weights_only=False)
 
     def __getitem__(self, cid: int) -> ClientState:
-        if not self._path(cid).exists():
-            raise KeyError(cid)
-        return unpack(torch.load(self._path(cid), weights_only=False))
+        return unpack(self.packed(cid))
 
     def __setitem__(self, cid: int, state: ClientState) -> None:
-        tmp = self._path(cid).with_suffix(".tmp")
-        torch.save(pack(state), tmp)
-        tmp.replace(self._path(cid))  # never a half-written state
+        self.write(cid, pack(state))
+
+    def write(self, cid: int, packed: Packed) -> None:
+        """Client ``cid``'s packed state as its version of this ``round``; versions but the two latest removed."""
+        tmp = self.folder / f"client{cid}.tmp"
+        torch.save(packed, tmp)
+        tmp.replace(self._path(cid, self.round))  # never a half-written state
+        tags = sorted({*self._versions.get(cid, []), self.round})
+        for old in tags[:-2]:
+            self._path(cid, old).unlink(missing_ok=True)
+        self._versions[cid] = tags[-2:]
+
+    def rollback(self, last_round: int, cid: int | None = None) -> None:
+        """Forget every version written after round ``last_round`` (a crashed round's): of client
+        ``cid`` alone, or of every client (another process may be writing the others')."""
+        chosen = self._versions if cid is None else {cid: self._versions.get(cid, [])}
+        for cid, tags in list(chosen.items()):
+            for tag in [t for t in tags if t > last_round]:
+                self._path(cid, tag).unlink(missing_ok=True)
+            self._versions[cid] = [t for t in tags if t <= last_round]
+            if not self._versions[cid]:
+                del self._versions[cid]
 
     def __delitem__(self, cid: int) -> None:
-        self._path(cid).unlink()
+        for tag in self._versions.pop(cid):
+            self._path(cid, tag).unlink(missing_ok=True)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(sorted(int(p.stem[len("client") :]) for p in self.folder.glob("client*.pt")))
+        return iter(sorted(self._versions))
 
     def __len__(self) -> int:
-        return len(list(self.folder.glob("client*.pt")))
+        return len(self._versions)

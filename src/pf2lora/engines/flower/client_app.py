@@ -4,8 +4,8 @@ A ClientApp is re-created for every message, so nothing lives on it. What is exp
 same for every message (the experiment's data and the frozen base model of each method) is cached
 per process (under ``pf2lora site``, :mod:`pf2lora.engines.flower.site`, once per run in the
 site's process, which every message's process is forked from); what belongs to the client
-(personal adapter, optimizer moments, sampler cursor, HETLoRA's rank) is kept in the node's
-``Context`` and in a file on the node's disk after every round, never sent to the server.
+(personal adapter, optimizer moments, sampler cursor, HETLoRA's rank) is kept in a file on the
+node's disk, one per round it changed in (:func:`node_states`), and never sent to the server.
 
 Messages (the server's side is :mod:`pf2lora.engines.flower.server_app`):
 
@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,19 @@ from typing import Any
 import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from pf2lora.adapters.export import PeftExporter
-from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ClientState, Instruction, TrainResult
+from pf2lora.algorithms.base import ClientAlgorithm, ClientData, Instruction, TrainResult
 from pf2lora.algorithms.validation import spoil
 from pf2lora.config import ExperimentConfig, from_dict
 from pf2lora.engines.flower.records import (
     METRIC,
     decode_params,
-    decode_state,
     encode_config,
     encode_metrics,
     encode_params,
-    encode_state,
 )
 from pf2lora.engines.local import Site, save_client
 from pf2lora.engines.states import DiskStates
@@ -52,7 +52,20 @@ from pf2lora.tasks import records_dir
 log = logging.getLogger(__name__)
 RUN = "pf2lora"  # the context record holding the experiment this node takes part in
 
-app = ClientApp()
+
+def dp_clipping(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's ``fixedclipping_mod`` on a DP-FedAvg training message (its config names the clipping
+    norm): the client's update is clipped before it leaves. Other messages, and bf16 payloads (which
+    Flower's mods cannot read as numpy arrays; the server's own clipping bounds those), pass through."""
+    config = msg.content.config_records.get("config") if msg.metadata.message_type == "train" else None
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    if any(array.dtype == "bfloat16" for array in msg.content["arrays"].values()):  # type: ignore[union-attr]
+        return call_next(msg, context)
+    return fixedclipping_mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[dp_clipping])
 
 
 class InjectedFailure(RuntimeError):
@@ -115,40 +128,15 @@ def experiment(text: str) -> Experiment:
     return _EXPERIMENTS[key]
 
 
-class NodeStates(MutableMapping[int, ClientState]):
-    """A client's states in its node's ``Context`` (one record per method) and, after every
-    write, in ``folder`` on the node's disk; read from the context, or from disk when the context
-    has none (a node restarted in the middle of a run)."""
-
-    def __init__(self, context: Context, method: str, folder: Path) -> None:
-        self.context, self.key, self.disk = context, f"state.{method}", DiskStates(folder)
-
-    def _records(self) -> dict[int, bytes]:
-        record = self.context.state.get(self.key)
-        return {int(k): v for k, v in record.items()} if record is not None else {}  # type: ignore[misc]
-
-    def __getitem__(self, cid: int) -> ClientState:
-        records = self._records()
-        if cid in records:
-            return decode_state(records[cid])
-        return self.disk[cid]
-
-    def __setitem__(self, cid: int, state: ClientState) -> None:
-        record = self.context.state.get(self.key)
-        if record is None:
-            record = ConfigRecord()
-            self.context.state[self.key] = record
-        record[str(cid)] = encode_state(state)  # type: ignore[index]
-        self.disk[cid] = state
-
-    def __delitem__(self, cid: int) -> None:
-        raise NotImplementedError("a client's state is never deleted during a run")
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted(set(self._records()) | set(self.disk)))
-
-    def __len__(self) -> int:
-        return len(list(iter(self)))
+def node_states(folder: Path, cid: int, server_round: int, training: bool) -> DiskStates:
+    """Client ``cid``'s states on its node's disk (one file per round it changed in, the two latest
+    kept), as round ``server_round`` sees them: a round it is asked to train again (the server
+    resumed from an earlier checkpoint) starts from its version before that round."""
+    states = DiskStates(folder)
+    if training:
+        states.rollback(server_round - 1, cid)
+    states.round = server_round
+    return states
 
 
 def _partition(context: Context) -> int:
@@ -170,7 +158,9 @@ def _session(msg: Message, context: Context) -> tuple[Experiment, int, str, Site
     name = str(msg.content["config"]["method"])  # type: ignore[index]
     cid, folder = _partition(context), _site_dir(context)
     client, _ = exp.client(name)
-    return exp, cid, name, Site(client, NodeStates(context, name, folder / "client_state" / name)), folder
+    server_round = int(msg.content["config"].get("server_round", 0))  # type: ignore[union-attr]
+    states = node_states(folder / "client_state" / name, cid, server_round, msg.metadata.message_type == "train")
+    return exp, cid, name, Site(client, states), folder
 
 
 def _instruction(msg: Message) -> Instruction:

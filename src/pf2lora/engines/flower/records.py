@@ -10,7 +10,6 @@ A client's state (personal adapter, optimizer moments, sampler cursor) is kept i
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -18,9 +17,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
 
-from pf2lora.algorithms.base import ClientState, Params
+from pf2lora.algorithms.base import Params
 from pf2lora.compression import compress
-from pf2lora.engines.states import pack, unpack
 
 _RAW = "torch-raw"  # our stype for dtypes NumPy cannot hold (bfloat16)
 
@@ -43,10 +41,11 @@ def _tensor(array: Array) -> torch.Tensor:
 
 
 def encode_params(params: Params, compression: str = "none") -> ArrayRecord:
-    """The payload as sent: each tensor under its own name, cast to the wire dtype."""
+    """The payload as sent: each tensor under its own name (in name order), cast to the wire dtype."""
     record = ArrayRecord()
-    for name, value in compress(params, compression).items():
-        record[name] = _array(value)
+    wire = compress(params, compression)
+    for name in sorted(wire):
+        record[name] = _array(wire[name])
     return record
 
 
@@ -74,16 +73,6 @@ def encode_metrics(metrics: dict[str, Any]) -> MetricRecord:
         elif isinstance(value, (int, float)):
             out[key] = value
     return MetricRecord(out)
-
-
-def encode_state(state: ClientState) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(pack(state), buffer)
-    return buffer.getvalue()
-
-
-def decode_state(data: bytes) -> ClientState:
-    return unpack(torch.load(io.BytesIO(data), weights_only=False))
 
 
 def message_bytes(message: InflatableObject) -> int:

@@ -33,11 +33,11 @@ from pf2lora.compression import compress
 from pf2lora.config import ConfigError, ExperimentConfig, load_config
 from pf2lora.engines.flower.records import METRIC, decode_params, encode_config, encode_params, message_bytes
 from pf2lora.engines.workers import failure_reasons
+from pf2lora.rounds import Checkpoint, Evaluation, run_rounds
 from pf2lora.runner import prepare, run
 from pf2lora.utils import numel
 
 log = logging.getLogger(__name__)
-Evaluation = tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]
 
 
 class FederationError(RuntimeError):
@@ -173,20 +173,29 @@ class FlowerEngine:
             extra["eval_failed"] = failed
         return (metrics, ranks), extra  # type: ignore[return-value]
 
-    def run(self, rounds: int, eval_every: int, on_round: Callable[[dict[str, Any]], None]) -> Evaluation:
-        """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (as the local engine)."""
-        final: Evaluation = ({}, {})
-        if rounds == 0:  # the untrained model, as the local engine evaluates it
-            final, extra = self.evaluate(0, final=True)
-            on_round({"round": 0, "clients": {}, "eval": final[0], "effective_rank": final[1], **extra})
-        for server_round in range(1, rounds + 1):
-            record = self.train_round(server_round)
-            if server_round == rounds or (eval_every and server_round % eval_every == 0):
-                final, extra = self.evaluate(server_round, final=server_round == rounds)
-                record["eval"], record["effective_rank"] = final
-                record.update(extra)
-            on_round(record)
-        return final
+    def run(
+        self,
+        rounds: int,
+        eval_every: int,
+        on_round: Callable[[dict[str, Any]], None],
+        checkpoint: Checkpoint | None = None,
+    ) -> Evaluation:
+        """Train ``rounds`` rounds; evaluate every ``eval_every`` and after the last (as the local
+        engine), going on from the server's ``checkpoint`` and leaving one each round."""
+        return run_rounds(self, rounds, eval_every, on_round, checkpoint)
+
+    def evaluate_round(self, server_round: int, final: bool) -> tuple[Evaluation, dict[str, Any]]:
+        return self.evaluate(server_round, final)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The server's side of the round's checkpoint (each client keeps its state on its own disk,
+        versioned by round, and goes back to the version before a round it is asked to train again)."""
+        return {"server": self.server.state(), "personal": dict(self._personal)}
+
+    def restore(self, saved: dict[str, Any], last_round: int) -> None:
+        if saved:
+            self.server.load_state(saved["server"])
+            self._personal = dict(saved["personal"])
 
     def personal_parameters(self) -> dict[int, int]:
         return dict(self._personal)
@@ -217,6 +226,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     """``grid.send_and_receive`` (push, then pull the replies until all came or ``timeout``), polling
     every :data:`POLL_SECONDS`: Flower's own waits 3 s between pulls, which on a run of short rounds
     is most of the time a round takes."""
+    if not messages:  # a round that sampled no client (DP-FedAvg's Poisson sampling)
+        return []
     waiting = set(grid.push_messages(messages))
     deadline, replies = time.monotonic() + timeout, []
     while waiting:
@@ -256,12 +267,16 @@ def discover(grid: Grid, cfg: ExperimentConfig, out: Path) -> dict[int, int]:
     return nodes
 
 
-def serve(grid: Grid, cfg: ExperimentConfig, out: Path, progress: Any = None, prepared: Any = None) -> dict[str, Any]:
-    """The whole experiment on the federation behind ``grid``; writes the run directory ``out``."""
+def serve(
+    grid: Grid, cfg: ExperimentConfig, out: Path, progress: Any = None, prepared: Any = None, resume: bool = False
+) -> dict[str, Any]:
+    """The whole experiment on the federation behind ``grid``; writes the run directory ``out``
+    (``resume``: continues the run killed there, see :func:`pf2lora.runner.run`)."""
     prepared = prepare(cfg) if prepared is None else prepared
     nodes = discover(grid, cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "messages.jsonl").write_text("")
+    if not resume or not (out / "messages.jsonl").exists():
+        (out / "messages.jsonl").write_text("")
 
     def engine(
         out: Path,
@@ -277,7 +292,7 @@ def serve(grid: Grid, cfg: ExperimentConfig, out: Path, progress: Any = None, pr
         on_step = progress(name, steps) if progress else None
         return FlowerEngine(grid, nodes, name, mcfg, server, on_step, out / "messages.jsonl")
 
-    return run(prepared, out, engine, progress)
+    return run(prepared, out, engine, progress, resume)
 
 
 app = ServerApp()

@@ -25,8 +25,9 @@ from pf2lora.engines.flower.server_app import serve  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def run_simulation(prepared: Any, out: Path, progress: Any = None) -> dict[str, Any]:
-    """Run ``prepared.cfg`` on Flower's simulation runtime; returns ``results.json``."""
+def run_simulation(prepared: Any, out: Path, progress: Any = None, resume: bool = False) -> dict[str, Any]:
+    """Run ``prepared.cfg`` on Flower's simulation runtime (``resume``: continue the run killed in
+    ``out``); returns ``results.json``."""
     from flwr.simulation import run_simulation as flower_simulation
 
     cfg = prepared.cfg
@@ -35,7 +36,7 @@ def run_simulation(prepared: Any, out: Path, progress: Any = None) -> dict[str, 
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        results.update(serve(grid, cfg, out, progress, prepared))
+        results.update(serve(grid, cfg, out, progress, prepared, resume))
 
     cpus = os.cpu_count() or 1
     backend_config: Any = {
