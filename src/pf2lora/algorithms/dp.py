@@ -22,6 +22,7 @@ see :mod:`pf2lora.engines.flower.client_app`); the server clips again, a no-op f
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from typing import Any
