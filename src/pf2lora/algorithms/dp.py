@@ -112,11 +112,15 @@ def privacy_spent(noise_multiplier: float, sampling_rate: float, rounds: int, de
         return math.inf
     from dp_accounting import dp_event, rdp
 
-    accountant = rdp.RdpAccountant()
-    accountant.compose(
-        dp_event.PoissonSampledDpEvent(sampling_rate, dp_event.GaussianDpEvent(noise_multiplier)), rounds
-    )
-    return float(accountant.get_epsilon(delta))
+    absl = logging.getLogger("absl")  # it warns of each RDP order it leaves out (not converged): the bound holds
+    level, absl.level = absl.level, logging.ERROR
+    try:
+        accountant = rdp.RdpAccountant()
+        release = dp_event.PoissonSampledDpEvent(sampling_rate, dp_event.GaussianDpEvent(noise_multiplier))
+        accountant.compose(release, rounds)
+        return float(accountant.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 def accounting_available() -> str | None:
