@@ -116,6 +116,11 @@ def test_a_node_keeps_its_state_by_round_and_trains_a_repeated_round_from_before
         (["engine=flower", "flower.fail=[two@1]"], "flower.fail: 'two@1' is not CLIENT@ROUND"),
         (["engine=flower", "flower.min_replies=0"], "flower.min_replies must be >= 1"),
         (["engine=flower", "flower.timeout=0"], "flower.timeout must be > 0"),
+        (["flower.secure_aggregation=true"], "flower.secure_aggregation runs on a Flower federation"),
+        (["engine=flower", "flower.secure_aggregation=true", "algorithms=[hetlora]"], "hetlora does not average"),
+        (["engine=flower", "flower.secure_aggregation=true", "dp.enabled=true"], "the server cannot clip an update"),
+        (["engine=flower", "flower.secure_aggregation=true", "train.aggregation=weighted"], "needs train.aggregation"),
+        (["engine=flower", "flower.secure_aggregation=true", "train.update_norm_bound=1"], "cannot hold one to"),
     ],
 )
 def test_bad_flower_settings_exit_2_before_any_work(overrides, message, tmp_path: Path, capsys) -> None:
@@ -360,7 +365,7 @@ def test_deployment_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None:
     # personal state lives on each site's disk, none in the server's run directory
     assert not list(out.rglob("personal_*")) and not (out / "client_state").exists()
     for k in range(3):
-        assert (work / f"site{k}" / "client_state" / "pf2lora" / f"client{k}.pt").is_file()
+        assert (work / f"site{k}" / "client_state" / "pf2lora" / f"client{k}.r2.pt").is_file()
     # each site (`pf2lora site`, the default) prepared the experiment once, and the results are the local engine's
     for k in range(3):
         assert (work / "logs" / f"site{k}.log").read_text().count("prepared once") == 1
@@ -380,3 +385,47 @@ def test_deployment_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None:
         "pf2lora site",
     )
     assert [line for line in table if not line.startswith("Z") and any(f in line for f in flower)] == []
+
+
+def _secure_checks(out: Path, local: Path, methods: list[str]) -> None:
+    """The common adapters of a SecAgg+ run are the plain means' (to SecAgg+'s quantisation), and no
+    client's trained arrays reached the server in the clear."""
+    for method in methods:
+        secure = load_file(str(out / "checkpoints" / method / "common.safetensors"))
+        plain = load_file(str(local / "checkpoints" / method / "common.safetensors"))
+        assert secure.keys() == plain.keys()
+        assert max(float((secure[k] - plain[k]).abs().max()) for k in plain) <= 1e-4, method
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["secure_aggregation"] == {"clients": 3, "dropped": 0} for r in rounds)
+    audit = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+    assert "train" not in {m["kind"] for m in audit}  # every training reply went through SecAgg+ ...
+    replies = [m for m in audit if m["kind"] == "train.secagg"]
+    assert len(replies) == 4 * 3 * 2 * len(methods)  # 4 stages x 3 clients x 2 rounds
+    assert all(not any(m["arrays"].values()) for m in replies)  # ... with no array in the clear
+
+
+@pytest.mark.integration
+def test_secure_aggregation_on_the_simulation_gives_the_plain_mean(tiny_model_dir: Path, tmp_path: Path) -> None:
+    common = [*_tiny(tiny_model_dir), "algorithms=[homlora,pf2lora]", "train.rounds=2"]
+    out, local = tmp_path / "secure", tmp_path / "local"
+    assert main(["run", *common, "engine=flower", "flower.secure_aggregation=true", "--out", str(out), "--quiet"]) == 0
+    assert main(["run", *common, "--out", str(local), "--quiet"]) == 0
+    _secure_checks(out, local, ["homlora", "pf2lora"])
+
+
+@pytest.mark.integration
+def test_secure_aggregation_on_the_loopback_deployment(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare / Execute: SecAgg+ between 3 SuperNodes (their sites forking each message) and the server
+    common = [*_tiny(tiny_model_dir), "algorithms=[homlora]", "train.rounds=2"]
+    out, work, local = tmp_path / "run", tmp_path / "federation", tmp_path / "local"
+    script = [sys.executable, str(REPO / "scripts" / "flower_loopback.py")]
+    proc = subprocess.run(
+        [*script, *common, "flower.secure_aggregation=true", "--out", str(out), "--work", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert main(["run", *common, "--out", str(local), "--quiet"]) == 0
+    # Assert
+    _secure_checks(out, local, ["homlora"])

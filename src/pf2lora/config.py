@@ -224,6 +224,11 @@ class FlowerConfig:
     timeout: float = _help("seconds the server waits for a round's replies", 3600.0)
     connect_timeout: float = _help("seconds the server waits for every client's SuperNode to connect", 300.0)
     client_cpus: float = _help("CPUs per simulated client (simulation runtime; clients run side by side)", 1.0)
+    secure_aggregation: bool = _help(
+        "Flower's SecAgg+: the server sees only the mean of a round's client updates, never one (methods "
+        "whose server averages, train.aggregation=uniform, no dp)",
+        False,
+    )
     fail: list[str] = _help(
         "fault injection: 'K@R' makes client K raise in training round R, 'K@R:KIND' makes it send a bad "
         "update instead (KIND: nan, inf, shape, missing, personal, dtype, far), to exercise the failure "
@@ -373,6 +378,19 @@ class ExperimentConfig:
             t.client_state in ("memory", "disk"), f"train.client_state must be memory or disk, got {t.client_state!r}"
         )
         self.dp.validate()
+        if fl.secure_aggregation:
+            _check(self.engine == "flower", "flower.secure_aggregation runs on a Flower federation (engine=flower)")
+            _check(t.aggregation == "uniform", "flower.secure_aggregation needs train.aggregation=uniform")
+            _check(
+                not self.dp.enabled,
+                "flower.secure_aggregation and dp.enabled together: the server cannot clip an update it never sees "
+                "(clients clipping their own and the server adding noise to the secure sum is not built)",
+            )
+            _check(
+                t.update_norm_bound is None,
+                "flower.secure_aggregation hides each update from the server: it cannot hold one to "
+                "train.update_norm_bound",
+            )
         _check(
             not self.dp.enabled or t.aggregation == "uniform",
             "dp.enabled needs train.aggregation=uniform (DP-FedAvg divides the clipped updates' noisy sum by the "

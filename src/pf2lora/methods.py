@@ -117,15 +117,19 @@ def check(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"{m.name} {reason}; it runs on engine=local only")
         if m.check is not None:
             m.check(cfg.for_method(m.name))
+    for setting, on, what in (
+        ("dp.enabled", cfg.dp.enabled, "DP-FedAvg"),
+        ("flower.secure_aggregation", cfg.flower.secure_aggregation, "SecAgg+"),
+    ):
+        other = [m.name for m in methods if not m.averages]
+        if on and other:
+            raise ConfigError(
+                f"{setting}: {', '.join(other)} do{'es' if len(other) == 1 else ''} not average the clients' updates; "
+                f"{what} runs with {', '.join(n for n in names() if get(n).averages)}"
+            )
     if cfg.dp.enabled:
         from pf2lora.algorithms.dp import accounting_available
 
-        other = [m.name for m in methods if not m.averages]
-        if other:
-            raise ConfigError(
-                f"dp.enabled: {', '.join(other)} do{'es' if len(other) == 1 else ''} not average the clients' updates; "
-                f"DP-FedAvg runs with {', '.join(n for n in names() if get(n).averages)}"
-            )
         missing = accounting_available()
         if missing is not None:
             raise ConfigError(missing)

@@ -29,8 +29,10 @@ from typing import Any
 
 import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from pf2lora.adapters.export import PeftExporter
@@ -44,6 +46,7 @@ from pf2lora.engines.flower.records import (
     encode_metrics,
     encode_params,
 )
+from pf2lora.engines.flower.secure import is_secure, to_fitres, to_instruction
 from pf2lora.engines.local import Site, save_client
 from pf2lora.engines.states import DiskStates
 from pf2lora.runner import prepare
@@ -65,7 +68,15 @@ def dp_clipping(msg: Message, context: Context, call_next: Callable[[Message, Co
     return fixedclipping_mod(msg, context, call_next)
 
 
-app = ClientApp(mods=[dp_clipping])
+def secure_aggregation(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's ``secaggplus_mod`` on a SecAgg+ training message (each stage's config record names
+    it): the reply's arrays leave this client masked (:mod:`.secure`). Other messages pass through."""
+    if msg.metadata.message_type == "train" and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_aggregation, dp_clipping])
 
 
 class InjectedFailure(RuntimeError):
@@ -155,12 +166,19 @@ def _session(msg: Message, context: Context) -> tuple[Experiment, int, str, Site
     if RUN not in context.state:
         raise RuntimeError("this node was not told the experiment (no query message came first)")
     exp = experiment(str(context.state[RUN]["experiment"]))  # type: ignore[index]
-    name = str(msg.content["config"]["method"])  # type: ignore[index]
+    config = _message_config(msg)
+    name = str(config["method"])
     cid, folder = _partition(context), _site_dir(context)
     client, _ = exp.client(name)
-    server_round = int(msg.content["config"].get("server_round", 0))  # type: ignore[union-attr]
+    server_round = int(config.get("server_round", 0))
     states = node_states(folder / "client_state" / name, cid, server_round, msg.metadata.message_type == "train")
     return exp, cid, name, Site(client, states), folder
+
+
+def _message_config(msg: Message) -> dict[str, Any]:
+    """The config a message carries: ours, or the legacy FitIns's of a SecAgg+ round."""
+    records = msg.content.config_records
+    return dict(records["fitins.config"] if "fitins.config" in records else records["config"])
 
 
 def _instruction(msg: Message) -> Instruction:
@@ -184,7 +202,8 @@ def join(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     exp, cid, name, site, _ = _session(msg, context)
-    instruction = _instruction(msg)
+    secure = is_secure(msg)  # a SecAgg+ round: the legacy FitIns in, FitRes out (masked by secaggplus_mod)
+    instruction = to_instruction(msg) if secure else _instruction(msg)
     server_round = int(instruction.config.get("server_round", 0))
     faults = [f.partition(":")[2] for f in exp.cfg.flower.fail if f.partition(":")[0] == f"{cid}@{server_round}"]
     if "" in faults:
@@ -192,6 +211,8 @@ def train(msg: Message, context: Context) -> Message:
     result = site.train(cid, instruction, exp.data(cid)[0])
     for kind in faults:  # a bad update instead of the real one (flower.fail K@R:KIND)
         result = TrainResult(spoil(result.params, kind), result.num_examples, result.metrics)
+    if secure:
+        return Message(to_fitres(instruction, result), reply_to=msg)
     content = RecordDict(
         {
             "arrays": encode_params(result.params, exp.cfg.train.compression),

@@ -121,6 +121,8 @@ class FlowerEngine:
 
     def train_round(self, server_round: int) -> dict[str, Any]:
         instructions = self.server.configure_train(server_round, self.client_ids)
+        if self.cfg.flower.secure_aggregation:
+            return self._secure_train_round(server_round, instructions)
         replies, failed, down, up = self._exchange("train", server_round, instructions, require=False)
         results, clients, rejected = {}, {}, {}
         compression, bound = self.cfg.train.compression, self.cfg.train.update_norm_bound
@@ -152,6 +154,49 @@ class FlowerEngine:
             record["failed"] = failed
         if rejected:
             record["rejected"] = rejected
+        return record
+
+    def _secure_train_round(self, server_round: int, instructions: dict[int, Instruction]) -> dict[str, Any]:
+        """The round's training under SecAgg+ (:mod:`.secure`): the server gets the mean alone, so
+        it checks no single update; the audit log gets every message of the protocol."""
+        from pf2lora.engines.flower.secure import AuditedGrid, secure_round
+
+        down: dict[int, int] = dict.fromkeys(instructions, 0)
+        up: dict[int, int] = dict.fromkeys(instructions, 0)
+
+        def seen(message: Message, sent: bool) -> None:
+            if sent:
+                down[self.clients_of[message.metadata.dst_node_id]] += message_bytes(message)
+                return
+            cid = self.clients_of[message.metadata.src_node_id]
+            if not message.has_error():
+                up[cid] += message_bytes(message)
+                self._record(server_round, "train.secagg", cid, message, message_bytes(message))
+
+        grid = AuditedGrid(self.grid, seen)
+        mean, metrics, dropped = secure_round(
+            grid, self.nodes, self.name, server_round, instructions, self.cfg.flower.timeout
+        )
+        for _ in metrics:
+            self.on_step()
+        failed = {cid: "dropped out of secure aggregation" for cid in instructions if cid not in metrics}
+        self._require("train", server_round, len(instructions), len(metrics) if mean is not None else 0, failed)
+        if mean is not None:
+            self.server.aggregate_train(server_round, {min(metrics): mean})
+        clients = {
+            cid: {
+                **values,
+                "bytes_received": down[cid],
+                "bytes_sent": up[cid],
+                "parameters_received": numel(instructions[cid].params),
+                "parameters_sent": numel(instructions[cid].params),
+            }
+            for cid, values in sorted(metrics.items())
+        }
+        record: dict[str, Any] = {"round": server_round, "clients": clients}
+        record["secure_aggregation"] = {"clients": len(metrics), "dropped": dropped}
+        if failed:
+            record["failed"] = failed
         return record
 
     def evaluate(self, server_round: int, final: bool = False) -> tuple[Evaluation, dict[str, Any]]:
