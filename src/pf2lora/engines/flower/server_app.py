@@ -34,7 +34,7 @@ from pf2lora.config import ConfigError, ExperimentConfig, load_config
 from pf2lora.engines.flower.records import METRIC, decode_params, encode_config, encode_params, message_bytes
 from pf2lora.engines.workers import failure_reasons
 from pf2lora.rounds import Checkpoint, Evaluation, run_rounds
-from pf2lora.runner import prepare, run
+from pf2lora.runner import check_resume, prepare, run
 from pf2lora.utils import numel
 
 log = logging.getLogger(__name__)
@@ -346,13 +346,17 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment entry point (``flwr run``): run config keys ``config`` (a YAML path on the server,
-    empty for the defaults), ``overrides`` (``key=value ...``) and ``out`` (the run directory)."""
+    empty for the defaults), ``overrides`` (``key=value ...``), ``out`` (the run directory) and
+    ``resume`` (true: continue the run killed in ``out``, whose config must be this one)."""
     run_config = context.run_config
     path = str(run_config.get("config", "")) or None
     overrides = shlex.split(str(run_config.get("overrides", "")))
+    out = Path(str(run_config.get("out", "runs/flower")))
+    resume = str(run_config.get("resume", "false")).lower() == "true"
     try:
         cfg = load_config(path, overrides)
+        if resume:
+            check_resume(out, cfg)
     except ConfigError as error:
         raise SystemExit(f"pf2lora: {error}") from error
-    out = Path(str(run_config.get("out", "runs/flower")))
-    serve(grid, cfg, out)
+    serve(grid, cfg, out, resume=resume)
