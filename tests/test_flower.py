@@ -157,17 +157,25 @@ def test_site_prepares_the_announced_experiment_once_and_every_fork_inherits_it(
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import ExecutionSpec
 
+    from pf2lora import parallelism
     from pf2lora.engines.flower import client_app, site
 
     threads = torch.get_num_threads()
-    cfg = load_config(None, _tiny(tiny_model_dir) + ["algorithms=[pf2lora,homlora]", "engine=flower"])
+    monkeypatch.setattr(parallelism, "_FORKS", False)
+    # train.threads=2: the forks' setting; the site itself must prepare at one thread all the same
+    overrides = ["algorithms=[pf2lora,homlora]", "engine=flower", "train.threads=2"]
+    cfg = load_config(None, _tiny(tiny_model_dir) + overrides)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     handoff, seen = tmp_path / "experiment.yaml", tmp_path / "seen"
     monkeypatch.setenv(client_app.HANDOFF_ENV, str(handoff))
     monkeypatch.setattr(client_app, "_EXPERIMENTS", {})
     client_app._announce(text)
     built = []
-    monkeypatch.setattr(client_app.Experiment, "_build", lambda self, name: built.append(name) or (name, None))
+    monkeypatch.setattr(
+        client_app.Experiment,
+        "_build",
+        lambda self, name: built.append((name, torch.get_num_threads())) or (name, None),
+    )
 
     def task(**kwargs) -> None:
         exp = next(iter(client_app._EXPERIMENTS.values()))
@@ -187,7 +195,7 @@ def test_site_prepares_the_announced_experiment_once_and_every_fork_inherits_it(
     while executor.children:
         executor.reconcile()
     # Assert: prepared once in this process (each method built once), inherited by both forks
-    assert built == ["pf2lora", "homlora"] and executor.loaded == text
+    assert built == [("pf2lora", 1), ("homlora", 1)] and executor.loaded == text  # at one thread
     assert [r.status for r in results] == ["accepted", "accepted"] and refused.status == "failed"
     for token in "ab":
         assert seen.with_suffix(f".{token}").read_text() == f"['homlora', 'pf2lora'] {executor.threads}"

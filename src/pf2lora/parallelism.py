@@ -26,6 +26,21 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+_FORKS = False  # this process forks the processes that compute (a `pf2lora site`)
+
+
+def will_fork() -> None:
+    """This process will fork the processes that compute: it must never run threads itself (GNU
+    OpenMP cannot run threads in a fork of a process that did), whatever ``train.threads`` says."""
+    global _FORKS
+    _FORKS = True
+
+
+def forks() -> bool:
+    """Whether :func:`will_fork` was called in this process."""
+    return _FORKS
+
+
 @dataclass(frozen=True)
 class Plan:
     """Where a method's clients train: in ``workers`` processes of ``threads`` torch threads each,

@@ -20,7 +20,7 @@ from pf2lora.algorithms.base import ClientAlgorithm, ServerAlgorithm
 from pf2lora.config import ConfigError, ExperimentConfig
 from pf2lora.data.text import FederatedData
 from pf2lora.methods import check
-from pf2lora.parallelism import available_cores, in_process
+from pf2lora.parallelism import available_cores, forks, in_process
 
 
 @dataclass
@@ -68,8 +68,9 @@ def model_device(cfg: ExperimentConfig) -> torch.device:
 
 def check_runtime(cfg: ExperimentConfig) -> None:
     """Validate ``cfg`` (with its methods) and that this machine can run it; set torch's threads:
-    one where the local engine trains clients in worker processes (this process must not run
-    multi-threaded OpenMP before it forks them), else ``train.threads``."""
+    one where the local engine trains clients in worker processes, or in a process that forks
+    those that compute (a Flower site: :func:`pf2lora.parallelism.will_fork`), since it must not run
+    multi-threaded OpenMP before it forks them; else ``train.threads``."""
     check(cfg)
     if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device={cfg.model.device} but torch sees no CUDA device")
@@ -84,7 +85,7 @@ def check_runtime(cfg: ExperimentConfig) -> None:
             f"train.workers x train.threads = {t.workers} x {t.threads} exceeds the {cores} cores "
             "this process may use; lower one of them"
         )
-    if cfg.engine == "local" and not on_gpu and not in_process(t.workers, cores):
+    if forks() or (cfg.engine == "local" and not on_gpu and not in_process(t.workers, cores)):
         torch.set_num_threads(1)
     elif t.threads:
         torch.set_num_threads(t.threads)

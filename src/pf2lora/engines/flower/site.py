@@ -44,7 +44,7 @@ from flwr.supernode.runtime.run_clientapp import run_clientapp
 
 from pf2lora.engines.flower import client_app
 from pf2lora.engines.workers import settle_before_fork
-from pf2lora.parallelism import available_cores
+from pf2lora.parallelism import available_cores, will_fork
 
 log = logging.getLogger(__name__)
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting of how often its loop asks
@@ -75,6 +75,7 @@ class ForkExecutor:
         if not text or text == self.loaded:
             return
         self.loaded = text
+        will_fork()  # preparing keeps this process at one thread, whatever train.threads says
         torch.set_num_threads(1)
         try:
             exp = client_app.experiment(text)
