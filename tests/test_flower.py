@@ -121,6 +121,7 @@ def test_a_node_keeps_its_state_by_round_and_trains_a_repeated_round_from_before
         (["engine=flower", "flower.secure_aggregation=true", "dp.enabled=true"], "the server cannot clip an update"),
         (["engine=flower", "flower.secure_aggregation=true", "train.aggregation=weighted"], "needs train.aggregation"),
         (["engine=flower", "flower.secure_aggregation=true", "train.update_norm_bound=1"], "cannot hold one to"),
+        (["engine=flower", "flower.secure_aggregation=true", "data.num_clients=1"], "at least 2 clients per round"),
     ],
 )
 def test_bad_flower_settings_exit_2_before_any_work(overrides, message, tmp_path: Path, capsys) -> None:

@@ -8,6 +8,7 @@ is a single line the CLI prints before exiting with status 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -381,6 +382,14 @@ class ExperimentConfig:
         if fl.secure_aggregation:
             _check(self.engine == "flower", "flower.secure_aggregation runs on a Flower federation (engine=flower)")
             _check(t.aggregation == "uniform", "flower.secure_aggregation needs train.aggregation=uniform")
+            per_round = (
+                d.num_clients if t.client_fraction >= 1 else max(1, math.ceil(t.client_fraction * d.num_clients))
+            )
+            _check(
+                per_round >= 2,
+                f"flower.secure_aggregation needs at least 2 clients per round (SecAgg+ hides one update among "
+                f"others), got {per_round}",
+            )
             _check(
                 not self.dp.enabled,
                 "flower.secure_aggregation and dp.enabled together: the server cannot clip an update it never sees "
