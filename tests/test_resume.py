@@ -15,6 +15,7 @@ from conftest import TINY_TRAIN
 from safetensors.torch import load_file
 
 from pf2lora.cli import main
+from pf2lora.report import Progress
 
 # kills its own process at one moment of a run, then runs the CLI: argv = moment, then the CLI's
 KILLER = """
@@ -142,16 +143,26 @@ def reference(tiny_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
     ("moment", "where"),
     [("mid-round", "memory"), ("mid-round", "disk"), ("between-rounds", "memory"), ("evaluation", "memory")],
 )
-def test_a_killed_run_resumes_to_the_same_end(moment, where, reference, tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Arrange: the run killed with SIGKILL at the moment
+def test_a_killed_run_resumes_to_the_same_end(
+    moment, where, reference, tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # Arrange: the run killed with SIGKILL at the moment; the progress bars of the resumed run counted
     out = tmp_path / "run"
     config = _config(tiny_model_dir, f"train.client_state={where}")
     _killed(moment, "run", *config, "--out", str(out), "--quiet")
     assert not (out / "results.json").exists() and (out / "resume").is_dir()
+    bars: dict[str, list[int]] = {}  # method -> [advanced, total]
+
+    def task(self, name: str, total: int):
+        bars[name] = [0, total]
+        return lambda: bars[name].__setitem__(0, bars[name][0] + 1)
+
+    monkeypatch.setattr(Progress, "task", task)
     # Act: resumed from the folder alone
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
-    # Assert
+    # Assert: the same end, and the resumed method's bar ends full (it starts where the crash left it)
     _same_run(out, reference[where])
+    assert bars and all(done == total for done, total in bars.values()), bars
 
 
 @pytest.mark.integration

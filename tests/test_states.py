@@ -40,3 +40,24 @@ def test_in_place_changes_do_not_reach_the_stored_state() -> None:
     first["personal"]["a"].add_(100.0)
     assert states[0]["personal"]["a"].abs().max() < 100
     assert list(states) == [0] and len(states) == 1
+
+
+def test_atomic_write_leaves_the_old_file_whole_when_writing_fails(tmp_path) -> None:
+    # Arrange: a file, and a write that dies half-way
+    from pf2lora.utils import atomic_write
+
+    path = tmp_path / "round.pt"
+    atomic_write(path, lambda tmp: torch.save({"round": 1}, tmp))
+
+    def dies(tmp):
+        tmp.write_bytes(b"half of a checkpoint")
+        raise KeyboardInterrupt
+
+    # Act
+    try:
+        atomic_write(path, dies)
+    except KeyboardInterrupt:
+        pass
+    # Assert: the old content, and no temporary file left beside it
+    assert torch.load(path) == {"round": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["round.pt"]

@@ -13,7 +13,6 @@ again from its checkpoint computes what it computed the first time.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from pf2lora.utils import atomic_write
 
 Record = dict[str, Any]
 Evaluation = tuple[dict[int, dict[str, float]], dict[int, dict[str, int]]]
@@ -43,9 +44,7 @@ class Checkpoint:
             "metrics_bytes": self.position(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(content, tmp)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: torch.save(content, tmp))
 
     def load(self) -> dict[str, Any] | None:
         """The last complete round's checkpoint (None: no round completed), RNG states restored."""
@@ -61,7 +60,9 @@ class Checkpoint:
         """How far ``metrics.jsonl`` stood at the last complete round (None: no round completed)."""
         if not self.path.is_file():
             return None
-        return int(torch.load(self.path, weights_only=False)["metrics_bytes"])
+        # mapped, not read: the engine's tensors (server parameters, in Flower's case every client's
+        # state) stay on disk; only the small Python values are unpickled
+        return int(torch.load(self.path, weights_only=False, mmap=True)["metrics_bytes"])
 
     def clear(self) -> None:
         """The method finished: its resume point is no longer needed."""

@@ -31,6 +31,7 @@ from pf2lora.families import Built, PreparedRun, heterogeneous, lora
 from pf2lora.methods import family_of, get
 from pf2lora.metrics import summarize
 from pf2lora.rounds import Checkpoint
+from pf2lora.utils import atomic_write
 
 _PREPARE = {"lora": lora.prepare, "heterogeneous": heterogeneous.prepare}
 
@@ -156,9 +157,11 @@ def run(
             mcfg = cfg.for_method(name)  # per_method settings merged in
             built = build(prepared, name, mcfg)
             train = [data.pooled_train()] if method.pooled else data.train
-            engine = engine_factory(out, name, mcfg, built.server, built.client, train, data.test, progress)
+            earlier = log.records(name)  # rounds of a resumed method run before the crash
+            bar = _advanced(progress, sum(len(r.get("clients", {})) for r in earlier))
+            engine = engine_factory(out, name, mcfg, built.server, built.client, train, data.test, bar)
             traffic = Traffic()
-            for record in log.records(name):  # rounds of a resumed method run before the crash
+            for record in earlier:
                 traffic.add(record)
             checkpoint = Checkpoint(out, name, log.position)
             record = log.recorder(name, traffic.add)
@@ -278,11 +281,24 @@ def _resume_offset(out: Path, names: list[str], finished: dict[str, dict[str, An
     return offset
 
 
+def _advanced(progress: Progress | None, steps: int) -> Progress | None:
+    """``progress`` whose bars start ``steps`` client-rounds in: what a resumed method trained
+    before the crash, so that its bar ends full."""
+    if progress is None or not steps:
+        return progress
+
+    def task(name: str, total: int) -> Callable[[], None]:
+        advance = progress(name, total)
+        for _ in range(min(steps, total)):
+            advance()
+        return advance
+
+    return task
+
+
 def _write_json(path: Path, value: Any) -> None:
     """``value`` as JSON at ``path``, written whole and then renamed in."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 
 
 class Traffic:

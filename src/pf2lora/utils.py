@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +93,29 @@ def release_free_memory() -> None:
         pass
 
 
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write ``path`` whole or not at all: ``write`` fills a temporary file of a unique name in the
+    same folder, which is then renamed over ``path``. A crash leaves the old file or the new one,
+    never half of one, and processes writing side by side never share a temporary file."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """``rows`` as JSON lines at ``path`` (its folder made), written whole through a temporary file."""
+    """``rows`` as JSON lines at ``path`` (its folder made), written whole (:func:`atomic_write`)."""
     import json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

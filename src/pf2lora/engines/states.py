@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pf2lora.algorithms.base import ClientState
+from pf2lora.utils import atomic_write
 
 
 @dataclass
@@ -154,9 +155,7 @@ class DiskStates(MutableMapping[int, ClientState]):
 
     def write(self, cid: int, packed: Packed) -> None:
         """Client ``cid``'s packed state as its version of this ``round``; versions but the two latest removed."""
-        tmp = self.folder / f"client{cid}.tmp"
-        torch.save(packed, tmp)
-        tmp.replace(self._path(cid, self.round))  # never a half-written state
+        atomic_write(self._path(cid, self.round), lambda tmp: torch.save(packed, tmp))  # never half-written
         tags = sorted({*self._versions.get(cid, []), self.round})
         for old in tags[:-2]:
             self._path(cid, old).unlink(missing_ok=True)

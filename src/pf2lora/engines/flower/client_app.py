@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from pf2lora.engines.local import Site, save_client
 from pf2lora.engines.states import DiskStates
 from pf2lora.runner import prepare
 from pf2lora.tasks import records_dir
+from pf2lora.utils import atomic_write
 
 log = logging.getLogger(__name__)
 RUN = "pf2lora"  # the context record holding the experiment this node takes part in
@@ -123,9 +123,7 @@ def _announce(text: str) -> None:
     path = os.environ.get(HANDOFF_ENV)
     if not path:
         return
-    with tempfile.NamedTemporaryFile("w", dir=Path(path).parent, delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def experiment(text: str) -> Experiment:
