@@ -151,3 +151,38 @@ def test_the_default_is_one_worker_per_core_and_one_process_on_a_gpu(monkeypatch
     assert built.pool is not None and (built.pool.size, built.pool.threads) == (2, 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert local_engine(tmp_path, "homlora", cfg, None, None, data, data, None).pool is None  # type: ignore[arg-type]
+
+
+def test_a_task_carries_the_client_state_once_not_once_per_tensor(monkeypatch) -> None:
+    """A held state's tensors are views of one buffer per dtype; pickled as they are, each view
+    would carry the whole buffer (a PF2LoRA state of 0.7 MB crossed the pipe as 70 MB)."""
+    import pickle
+
+    from pf2lora.engines import workers as pool_module
+    from pf2lora.engines.states import pack
+
+    # Arrange: every message to and from a worker measured
+    sent: list[int] = []
+    send, receive = pool_module._Worker.send, pool_module._Worker.receive
+
+    def measured_send(self, task):
+        sent.append(len(pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)))
+        send(self, task)
+
+    replies: list[int] = []
+
+    def measured_receive(self):
+        value = receive(self)
+        replies.append(len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+        return value
+
+    monkeypatch.setattr(pool_module._Worker, "send", measured_send)
+    monkeypatch.setattr(pool_module._Worker, "receive", measured_receive)
+    engine = _engine("pf2lora", 2)
+    # Act: two rounds (the second's states hold optimizer moments and a personal adapter)
+    engine.run(2, eval_every=1)
+    # Assert: no message is much larger than the largest state plus the common adapter it carries
+    state_bytes = max(len(pickle.dumps(pack(engine.states[c]))) for c in range(4))
+    common_bytes = len(pickle.dumps(engine.server.global_params))
+    assert sent and replies
+    assert max(sent + replies) < 2 * (state_bytes + common_bytes), (max(sent + replies), state_bytes, common_bytes)

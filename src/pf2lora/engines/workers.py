@@ -225,6 +225,9 @@ def _serve(conn: Connection, work: Work, threads: int) -> None:
             err.add_note(f"in the worker process of client {task.cid}:\n{traceback.format_exc()}")
             reply = (False, _portable(err))
         conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+        del task, reply
+        release_free_memory()  # the task's freed activations back to the OS: between tasks a worker
+        # holds what it inherited, not the heap its largest step left behind
 
 
 def _portable(err: Exception) -> Exception:
