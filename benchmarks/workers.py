@@ -9,6 +9,7 @@ would count the shared base model once per worker; PSS counts it once.
 
     python -m benchmarks.workers 2    # 2 worker processes, the cores shared between them
     python -m benchmarks.workers 1    # one process (no workers) at every core
+    python -m benchmarks.workers pool1  # one worker process at every core (the engine beside it)
     python -m benchmarks.workers ceiling pf2lora   # the most that processes side by side can gain here
 """
 
@@ -75,18 +76,24 @@ class PeakMemory:
         self._thread.join()
 
 
-def measure(workers: int, rounds: int = 3) -> dict[str, float]:
+def measure(workers: int | str, rounds: int = 3) -> dict[str, float]:
+    """``workers``: a count (1: no workers, this process trains), or ``pool1``: one worker process
+    with every core, the engine's process beside it, as a pool of one is (``train.workers=1`` itself
+    trains in process: a pool of one only adds the engine's process)."""
     import torch
 
     from pf2lora.config import load_config
     from pf2lora.engines.local import LocalEngine
-    from pf2lora.parallelism import available_cores, plan
+    from pf2lora.parallelism import Plan, available_cores, plan
     from pf2lora.runner import prepare
 
-    cfg = load_config("configs/default.yaml", ["algorithms=[pf2lora]", f"train.workers={workers}"])
+    count = 2 if workers == "pool1" else int(workers)  # pool1: prepared as for a pool (one thread here)
+    cfg = load_config("configs/default.yaml", ["algorithms=[pf2lora]", f"train.workers={count}"])
     prepared = prepare(cfg)  # one thread here where workers will be forked
     cores = available_cores()
     spread = plan(cfg.train.workers, cfg.train.threads, cfg.data.num_clients, cores)
+    if workers == "pool1":
+        spread = Plan(1, cores)
     if not spread.parallel:
         torch.set_num_threads(cores)  # one process: every core
     built = prepared.build("pf2lora", cfg)
@@ -169,4 +176,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "ceiling":  # ceiling [METHOD]
         print(json.dumps(ceiling(sys.argv[2] if len(sys.argv) > 2 else "pf2lora")))
     else:
-        print(json.dumps(measure(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
+        print(json.dumps(measure(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)))

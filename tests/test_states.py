@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pf2lora.engines.states import PackedStates, pack, unpack
+from pf2lora.engines.states import DiskStates, PackedStates, pack, unpack
 
 
 def _state() -> dict:
@@ -40,6 +40,22 @@ def test_in_place_changes_do_not_reach_the_stored_state() -> None:
     first["personal"]["a"].add_(100.0)
     assert states[0]["personal"]["a"].abs().max() < 100
     assert list(states) == [0] and len(states) == 1
+
+
+def test_a_packed_state_is_held_and_mirrored_as_it_came(tmp_path) -> None:
+    # what a worker's reply carries is stored without unpacking and packing it again
+    states = PackedStates(DiskStates(tmp_path))
+    states.round = 3
+    packed = pack(_state())
+    states.write(0, packed)
+    assert states.packed(0) is packed
+    torch.testing.assert_close(states.mirror[0]["personal"]["a"], packed_view(packed), rtol=0, atol=0)
+    states.rollback(3)  # read back from the mirror: the same values
+    torch.testing.assert_close(states[0]["personal"]["a"], packed_view(packed), rtol=0, atol=0)
+
+
+def packed_view(packed) -> torch.Tensor:
+    return unpack(packed)["personal"]["a"]
 
 
 def test_atomic_write_leaves_the_old_file_whole_when_writing_fails(tmp_path) -> None:

@@ -142,7 +142,7 @@ class LocalEngine:
         self.norm_bound, self.min_replies = norm_bound, min_replies
         self.server, self.client = server, client
         self.train_data, self.test_data = train, test
-        self.states: MutableMapping[int, ClientState] = (
+        self.states: PackedStates | DiskStates = (
             DiskStates(state_dir) if state_dir else PackedStates(DiskStates(mirror) if mirror else None)
         )
         self.site = Site(client, self.states)
@@ -155,7 +155,7 @@ class LocalEngine:
         """What a worker process does for client ``cid`` (its data from the splits it inherited).
         States cross the pipe packed: a state's tensors are views of one buffer per dtype, and
         pickle would write the whole buffer once per view (70 MB for a 0.7 MB PF2LoRA state)."""
-        site = Site(self.client, {cid: unpack(state)})
+        site = Site(self.client, {cid: unpack(state, copy=False)})  # this process's own copy
         if kind == "train":
             result = site.train(cid, instruction, self.train_data[cid])
             return result, pack(site.states[cid])
@@ -185,6 +185,12 @@ class LocalEngine:
     def state(self, cid: int) -> ClientState:
         return self.site.state(cid)
 
+    def packed_state(self, cid: int) -> Packed:
+        """Client ``cid``'s state packed as the store holds it (sent to a worker as it is)."""
+        if cid not in self.states:
+            self.site.state(cid)  # its initial state, stored
+        return self.states.packed(cid)
+
     def own_train(self, cid: int) -> ClientData | None:
         """Client ``cid``'s training split (None when the method trains on pooled data)."""
         return self.train_data[cid] if len(self.train_data) == len(self.test_data) else None
@@ -193,7 +199,7 @@ class LocalEngine:
         """One communication round: local training on the sampled clients, then aggregation of the
         replies in the order the server asked for them. A client whose worker process died is left
         out of the aggregate and named under ``failed``."""
-        self.states.round = server_round  # type: ignore[attr-defined]
+        self.states.round = server_round
         instructions = self.server.configure_train(server_round, self.train_ids)
         received, down = {}, {}
         for cid, instruction in instructions.items():
@@ -250,10 +256,11 @@ class LocalEngine:
             return replies, {}
 
         def done(task: Task, value: tuple[TrainResult, Packed]) -> None:
-            replies[task.cid], self.states[task.cid] = value[0], unpack(value[1])
+            replies[task.cid] = value[0]
+            self.states.write(task.cid, value[1])  # held as it arrived
             self.on_step()
 
-        tasks = (Task("train", cid, (instruction, pack(self.state(cid)))) for cid, instruction in received.items())
+        tasks = (Task("train", cid, (instruction, self.packed_state(cid))) for cid, instruction in received.items())
         return replies, self.pool.run(tasks, done)
 
     def evaluate(self, server_round: int, final: bool = False) -> Evaluation:
@@ -277,7 +284,7 @@ class LocalEngine:
             metrics[task.cid], ranks[task.cid] = value
 
         tasks = (
-            Task("evaluate", cid, (self.received(i), pack(self.state(cid)), record(cid)))
+            Task("evaluate", cid, (self.received(i), self.packed_state(cid), record(cid)))
             for cid, i in instructions.items()
         )
         failed = self.pool.run(tasks, done)
@@ -340,7 +347,7 @@ class LocalEngine:
         """Go on after round ``last_round``: the server as ``saved``, every client as then."""
         if saved:
             self.server.load_state(saved["server"])
-        self.states.rollback(last_round)  # type: ignore[attr-defined]
+        self.states.rollback(last_round)
 
 
 def local_engine(

@@ -56,10 +56,11 @@ def pack(state: ClientState) -> Packed:
     return Packed(skeleton, {dtype: torch.cat(parts) for dtype, parts in tensors.items()})
 
 
-def unpack(packed: Packed) -> ClientState:
+def unpack(packed: Packed, copy: bool = True) -> ClientState:
     """The state, its tensors views of a fresh copy of the buffers: whatever a client then does
-    to them in place (an optimizer step) never touches the stored state."""
-    buffers = {dtype: buffer.clone() for dtype, buffer in packed.buffers.items()}
+    to them in place (an optimizer step) never touches the stored state. ``copy=False``: views of
+    ``packed``'s own buffers, for a ``packed`` nothing else holds (one just received from a pipe)."""
+    buffers = {dtype: buffer.clone() if copy else buffer for dtype, buffer in packed.buffers.items()}
 
     def walk(item: Any) -> Any:
         if isinstance(item, _Slot):
@@ -89,13 +90,21 @@ class PackedStates(MutableMapping[int, ClientState]):
             self.mirror.rollback(last_round)
             self._packed = {cid: self.mirror.packed(cid) for cid in self.mirror}
 
+    def packed(self, cid: int) -> Packed:
+        """Client ``cid``'s state as it is held (not to be changed in place)."""
+        return self._packed[cid]
+
     def __getitem__(self, cid: int) -> ClientState:
         return unpack(self._packed[cid])
 
     def __setitem__(self, cid: int, state: ClientState) -> None:
-        self._packed[cid] = pack(state)
+        self.write(cid, pack(state))
+
+    def write(self, cid: int, packed: Packed) -> None:
+        """Hold ``packed`` (which nothing else may change afterwards) as client ``cid``'s state."""
+        self._packed[cid] = packed
         if self.mirror is not None:
-            self.mirror.write(cid, self._packed[cid])
+            self.mirror.write(cid, packed)
 
     def __delitem__(self, cid: int) -> None:
         del self._packed[cid]
