@@ -72,6 +72,11 @@ def test_sweep_is_one_row_per_value_and_combination() -> None:
         ({"items": [], "sweeps": ["personal_rank=1,9"]}, "must be smaller than lora.rank"),
         ({"items": [], "variants": ["rank=3"]}, "must be 'ALGORITHM key=value ...'"),
         ({"items": ["nonsense"]}, "is not of the form key=value"),
+        (
+            {"items": ["train.rounds=8", "train.eval_every=3"], "at_round": 4},
+            "is evaluated after rounds 3, 6, 8 only (train.rounds=8, train.eval_every=3)",
+        ),
+        ({"items": ["train.rounds=2", "train.eval_every=0"], "at_round": 1}, "after rounds 2 only"),
     ],
 )
 def test_bad_grids_are_refused_before_any_run(kwargs: dict, message: str) -> None:
@@ -162,6 +167,33 @@ def test_table_against_a_baseline(tmp_path: Path) -> None:
     assert "| homlora | +20.00 ± 0.00 [+20.00, +20.00], 2/0/0 |" in md
 
 
+def test_table_after_an_earlier_round_from_the_learning_curve(tmp_path: Path) -> None:
+    # Arrange: finished runs whose metrics.jsonl evaluated after rounds 1 and 2; each run's round 1
+    # recorded twice (a resumed run repeats its crashed round): the last record counts
+    items = ["algorithms=pf2lora,homlora", "seeds=0,1", "train.rounds=2", "train.eval_every=1"]
+    grid = compare.plan(None, items)
+    _fake_results(tmp_path, grid)
+    for row, column, seed, _ in grid.runs:
+        bonus = 0.3 if row.algorithm == "pf2lora" else 0.0
+
+        def evaluation(r: int, value: float) -> str:
+            clients = {str(c): {"accuracy": value + 0.1 * c, "mcc": 0.5, "num_examples": 10} for c in range(2)}
+            return json.dumps({"round": r, "clients": {}, "eval": clients})
+
+        lines = [evaluation(1, 0.9), evaluation(1, 0.2 + 0.01 * seed + bonus), evaluation(2, 0.8)]
+        (compare.run_dir(tmp_path, row, column, seed) / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    # Act
+    early = compare.plan(None, items, baseline="homlora", at_round=1)
+    table = compare.build_table(early, tmp_path)
+    # Assert: round 1's second record, mean over clients (0.2 and 0.3, + 0.01 seed, + 0.3 for pf2lora)
+    rows = {r["method"]: r for r in table["rows"]}
+    assert rows["homlora"]["cells"]["h=0.9"]["seeds"] == pytest.approx([0.25, 0.26])
+    assert rows["pf2lora"]["cells"]["h=0.9"]["vs_baseline"]["differences"] == pytest.approx([0.3, 0.3])
+    assert table["round"] == 1 and "accuracy (x100) after round 1, mean over clients" in compare.markdown(table)
+    final = compare.build_table(compare.plan(None, items), tmp_path)  # results.json, as before
+    assert {r["method"]: r for r in final["rows"]}["homlora"]["cells"]["h=0.9"]["seeds"] == pytest.approx([0.35, 0.36])
+
+
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
     out = tmp_path / "cmp"
     assert main(["compare", *TINY, "heterogeneity=0.5,7", "--out", str(out)]) == 2
@@ -173,6 +205,10 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
         assert main(["compare", *TINY, *bad, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("pf2lora: error: ") and len(err.splitlines()) == 1
+    for bad_round in (["--round", "-1"], ["--round", "99"]):  # no such evaluation
+        assert main(["compare", *TINY, *bad_round, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pf2lora: error: --round") and len(err.splitlines()) == 1
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("earlier work")

@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
         help="default: the task's primary metric (classification: accuracy; also mcc, macro_f1)",
     )
     cmp.add_argument(
+        "--round",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the table from every run's evaluation after round N (one that train.eval_every evaluates) "
+        "instead of its final one: with --resume on a finished comparison, a point of the learning curve",
+    )
+    cmp.add_argument(
         "--sweep", action="append", default=[], metavar="KEY=V1,V2", help="one row per value (Appendix L sweeps)"
     )
     cmp.add_argument(
@@ -188,7 +196,11 @@ def compare(args: argparse.Namespace, items: list[str]) -> int:
     try:
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-        grid = cmp.plan(config, overrides, args.sweep, args.variant, args.ablation, args.metric, args.baseline)
+        if args.round is not None and args.round < 0:
+            raise ConfigError(f"--round must be >= 0, got {args.round}")
+        grid = cmp.plan(
+            config, overrides, args.sweep, args.variant, args.ablation, args.metric, args.baseline, args.round
+        )
         name = grid.runs[0][3].name
         out = args.out or Path("runs") / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not args.resume:

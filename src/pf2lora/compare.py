@@ -69,6 +69,7 @@ class Plan:
     metric: str
     baseline: str | None = None
     runs: list[tuple[Row, Column, int, ExperimentConfig]] = field(default_factory=list)
+    at_round: int | None = None  # the table from every run's evaluation after this round (None: the final one)
 
 
 def _slug(text: str) -> str:
@@ -93,10 +94,13 @@ def plan(
     ablations: list[str] | None = None,
     metric: str | None = None,
     baseline: str | None = None,
+    at_round: int | None = None,
 ) -> Plan:
     """Resolve the grid and validate every run's config before anything runs (ConfigError on bad input).
 
-    ``metric``: what the table shows (default: the task's primary metric).
+    ``metric``: what the table shows (default: the task's primary metric). ``at_round``: the table
+    from each run's evaluation after that round (one its ``train.eval_every`` evaluates), not its
+    final one: a learning curve, paired by seed, from the same runs.
     ``items``: ``key=value`` overrides, where ``algorithms=``, ``heterogeneity=``, ``seeds=`` and
     ``datasets=`` take comma-separated lists (the axes of the grid). ``sweeps``: ``KEY=V1,V2,...``,
     one row per algorithm and value (several sweeps: every combination). ``variants``: ``"ALGORITHM
@@ -184,7 +188,7 @@ def plan(
         for d in datasets
         for h in levels
     ]
-    result = Plan(rows, columns, [int(s) for s in seeds], metric, baseline)
+    result = Plan(rows, columns, [int(s) for s in seeds], metric, baseline, at_round=at_round)
     for column, seed, row in itertools.product(columns, result.seeds, rows):
         run_overrides = [
             *overrides,
@@ -196,8 +200,41 @@ def plan(
         run_cfg = load_config(config, run_overrides)
         run_cfg.algorithms = [row.algorithm]
         check(run_cfg)
+        if at_round is not None and not _evaluated(run_cfg, at_round):
+            t = run_cfg.train
+            raise ConfigError(
+                f"--round {at_round}: {row.label} is evaluated after rounds "
+                f"{', '.join(map(str, _evaluations(t.rounds, t.eval_every)))} only "
+                f"(train.rounds={t.rounds}, train.eval_every={t.eval_every})"
+            )
         result.runs.append((row, column, seed, run_cfg))
     return result
+
+
+def _evaluations(rounds: int, eval_every: int) -> list[int]:
+    """The rounds after which a run evaluates its clients (:func:`pf2lora.rounds.run_rounds`)."""
+    return sorted({r for r in range(1, rounds + 1) if eval_every and r % eval_every == 0} | {rounds})
+
+
+def _evaluated(cfg: ExperimentConfig, server_round: int) -> bool:
+    return server_round in _evaluations(cfg.train.rounds, cfg.train.eval_every)
+
+
+def _results_at(folder: Path, algorithm: str, server_round: int) -> dict[str, Any]:
+    """A finished run's per-client metrics and their mean after ``server_round``, from its
+    ``metrics.jsonl`` (the last record of that round: a resumed run may have repeated it)."""
+    from pf2lora.metrics import summarize
+
+    found = None
+    with open(folder / "metrics.jsonl") as lines:
+        for line in lines:
+            record = json.loads(line)
+            if record.get("round") == server_round and "eval" in record:
+                found = record["eval"]
+    if found is None:
+        raise ConfigError(f"{folder} has no evaluation after round {server_round} in its metrics.jsonl")
+    clients = {int(cid): metrics for cid, metrics in found.items()}
+    return {"clients": found, "mean": summarize(clients)[0]}
 
 
 def _partition_label(cfg: ExperimentConfig) -> str | None:
@@ -300,6 +337,7 @@ def run(
     jobs: int = 1,
     resume: bool = False,
     force: bool = False,
+    at_round: int | None = None,
 ) -> dict[str, Any]:
     """A comparison from Python, the one ``pf2lora compare CONFIG ITEMS ...`` makes: ``items`` are
     its ``key=value`` arguments (``algorithms=a,b``, ``seeds=0,1``, overrides), the keywords its
@@ -314,6 +352,7 @@ def run(
         list(ablations),
         metric,
         baseline,
+        at_round,
     )
     folder = Path(out)
     if not resume:
@@ -402,8 +441,11 @@ def build_table(grid: Plan, out: Path) -> dict[str, Any]:
         for column in grid.columns:
             per_seed, per_client = [], {}
             for seed in grid.seeds:
-                results = json.loads((run_dir(out, row, column, seed) / "results.json").read_text())
+                folder = run_dir(out, row, column, seed)
+                results = json.loads((folder / "results.json").read_text())
                 r = results[row.algorithm]
+                if grid.at_round is not None:
+                    r = {**r, **_results_at(folder, row.algorithm, grid.at_round)}
                 per_seed.append(r["mean"][grid.metric])
                 for cid, metrics in r["clients"].items():
                     per_client.setdefault(cid, []).append(metrics[grid.metric])
@@ -435,6 +477,7 @@ def build_table(grid: Plan, out: Path) -> dict[str, Any]:
                     cell["vs_baseline"] = paired(cell["seeds"], base["cells"][column]["seeds"])
     return {
         "metric": grid.metric,
+        "round": grid.at_round,
         "columns": [c.label for c in grid.columns],
         "seeds": grid.seeds,
         "baseline": grid.baseline,
@@ -494,7 +537,8 @@ def markdown(table: dict[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in table["seeds"])
     lines.append("")
     lines.append(
-        f"{table['metric']} (x100), mean over clients (each on its own test split), mean ± std over seeds {seeds}; "
+        f"{table['metric']} (x100){_after(table)}, mean over clients (each on its own test split), "
+        f"mean ± std over seeds {seeds}; "
         "best per column in bold. Communicated: parameters sent plus received per client per round."
     )
     if table.get("baseline"):
@@ -510,6 +554,10 @@ def markdown(table: dict[str, Any]) -> str:
             "[95% confidence interval of the mean], seeds won / tied / lost."
         )
     return "\n".join(lines) + "\n"
+
+
+def _after(table: dict[str, Any]) -> str:
+    return "" if table.get("round") is None else f" after round {table['round']}"
 
 
 def _paired_cell(p: dict[str, Any]) -> str:

@@ -109,7 +109,8 @@ def plot_compare(table: dict[str, Any], path: Path) -> None:
     left.set_xlabel("heterogeneity (label-sorted fraction of each client's data)" if by_level else "setting")
     left.set_ylabel(f"mean client {metric}")
     seeds = f"seeds {table['seeds']}" if len(table["seeds"]) <= 5 else f"{len(table['seeds'])} seeds"
-    left.set_title(f"{metric} against {'heterogeneity' if by_level else 'setting'} (± std over {seeds})")
+    after = "" if table.get("round") is None else f" after round {table['round']}"
+    left.set_title(f"{metric}{after} against {'heterogeneity' if by_level else 'setting'} (± std over {seeds})")
     left.legend(fontsize=8)
     last = columns[-1]
     clients = list(rows[0]["cells"][last]["clients"])
