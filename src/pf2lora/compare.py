@@ -220,7 +220,7 @@ def _evaluated(cfg: ExperimentConfig, server_round: int) -> bool:
     return server_round in _evaluations(cfg.train.rounds, cfg.train.eval_every)
 
 
-def _results_at(folder: Path, algorithm: str, server_round: int) -> dict[str, Any]:
+def _results_at(folder: Path, server_round: int) -> dict[str, Any]:
     """A finished run's per-client metrics and their mean after ``server_round``, from its
     ``metrics.jsonl`` (the last record of that round: a resumed run may have repeated it)."""
     from pf2lora.metrics import summarize
@@ -445,7 +445,7 @@ def build_table(grid: Plan, out: Path) -> dict[str, Any]:
                 results = json.loads((folder / "results.json").read_text())
                 r = results[row.algorithm]
                 if grid.at_round is not None:
-                    r = {**r, **_results_at(folder, row.algorithm, grid.at_round)}
+                    r = {**r, **_results_at(folder, grid.at_round)}
                 per_seed.append(r["mean"][grid.metric])
                 for cid, metrics in r["clients"].items():
                     per_client.setdefault(cid, []).append(metrics[grid.metric])
