@@ -14,6 +14,12 @@ os.environ["PF2LORA_CORES"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# `make test` runs the suite in one pytest-xdist worker per core: each worker's torch gets its share
+# of the cores, so that two workers do not fight over them (on small tensors that costs far more
+# than it saves)
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from pf2lora.adapters.two_level import TwoLevelModel  # noqa: E402
@@ -107,3 +113,10 @@ TINY_TRAIN = [
     "hetlora.r_min=2",
     "hetlora.r_max=4",
 ]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The integration tests first: `make test`'s workers (pytest-xdist, ``--dist load``) share
+    them out from the start, and the quick tests fill in around them, instead of one worker
+    finishing a long test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
