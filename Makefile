@@ -24,7 +24,7 @@ run: install
 	$(BIN)/pf2lora run configs/default.yaml
 
 test: install
-	$(BIN)/python -m pytest -q -n auto --dist load --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"

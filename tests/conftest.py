@@ -114,9 +114,3 @@ TINY_TRAIN = [
     "hetlora.r_max=4",
 ]
 
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """The integration tests first: `make test`'s workers (pytest-xdist, ``--dist load``) share
-    them out from the start, and the quick tests fill in around them, instead of one worker
-    finishing a long test alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
