@@ -18,8 +18,9 @@ import torch  # noqa: E402
 # `make test` runs the suite in one pytest-xdist worker per core: each worker's torch gets its share
 # of the cores, so that two workers do not fight over them (on small tensors that costs far more
 # than it saves)
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from pf2lora.adapters.two_level import TwoLevelModel  # noqa: E402
@@ -113,4 +114,3 @@ TINY_TRAIN = [
     "hetlora.r_min=2",
     "hetlora.r_max=4",
 ]
-
