@@ -23,6 +23,7 @@ from pf2lora.engines.flower.records import (
     decode_params,
     encode_params,
     message_bytes,
+    param_names,
 )
 from pf2lora.methods import check
 
@@ -74,6 +75,50 @@ def test_payload_decodes_by_name_whatever_the_order() -> None:
     for name, array in shuffled.items():
         again[name] = array
     torch.testing.assert_close(decode_params(again), decode_params(record))
+
+
+@pytest.mark.parametrize("compression", ["none", "bf16"])
+def test_payload_travels_as_one_array_per_dtype_naming_every_tensor(compression: str) -> None:
+    # Flower ships each array as an object of its own (one request per hop): 4 tensors, 2 arrays
+    from flwr.app import ArrayRecord
+
+    params = _params(4)
+    record = encode_params(params, compression)
+    assert len(record) == 2  # the floating tensors in one array, the integer step in another
+    assert sorted(param_names(record)) == sorted(params)
+    assert param_names(ArrayRecord({"plain": record[next(iter(record))]})) == ["plain"]  # an array of its own
+    with pytest.raises(ValueError, match="not a pf2lora payload"):
+        decode_params(ArrayRecord({"plain": record[next(iter(record))]}))
+    key = next(k for k in record if "step" in k)
+    broken = ArrayRecord({key.replace("[1]", "[2]"): record[key]})  # a layout that does not fit its array
+    with pytest.raises(ValueError, match="holds 1 values, its layout 2"):
+        decode_params(broken)
+
+
+def test_supernode_waits_are_capped_in_flowers_module_only(monkeypatch) -> None:
+    import time
+    import types
+
+    from pf2lora.engines.flower.supernode import CappedClock, cap_waits
+
+    module = types.ModuleType("fake_flower_module")
+    module.time = time  # type: ignore[attr-defined]
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    cap_waits(module, 0.2)
+    module.time.sleep(3)  # type: ignore[attr-defined]
+    module.time.sleep(0.1)  # type: ignore[attr-defined]
+    assert slept == [0.2, 0.1]
+    assert isinstance(module.time, CappedClock) and module.time.monotonic is time.monotonic  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="no longer uses `time`"):
+        cap_waits(types.ModuleType("changed"), 0.2)
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "3.5", "nan"])
+def test_supernode_refuses_a_bad_pull_interval(interval: str, capsys) -> None:
+    assert main(["supernode", "--pull-interval", interval, "--insecure"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pf2lora: error: --pull-interval") and len(err.splitlines()) == 1
 
 
 def test_bytes_grow_with_the_payload_and_shrink_with_compression() -> None:
@@ -138,7 +183,11 @@ def test_loopback_script_refuses_bad_input_before_starting_anything(tmp_path: Pa
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text("kept")
-    for args in (["lora.rank=0", "--out", str(tmp_path / "x")], ["--out", str(out)]):
+    for args in (
+        ["lora.rank=0", "--out", str(tmp_path / "x")],
+        ["--out", str(out)],
+        ["--out", str(tmp_path / "x"), "--pull-interval", "0"],
+    ):
         proc = subprocess.run(
             [sys.executable, str(REPO / "scripts" / "flower_loopback.py"), *args, "--work", str(tmp_path / "w")],
             capture_output=True,

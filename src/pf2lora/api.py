@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pf2lora.config import ConfigError, ExperimentConfig, load_config
+from pf2lora.config import ConfigError, ExperimentConfig, check_out_dir, load_config
 from pf2lora.engines.local import local_engine
 from pf2lora.families import PreparedRun
-from pf2lora.runner import Progress, check_out_dir, check_resume, prepare
+from pf2lora.runner import Progress, check_resume, prepare
 from pf2lora.runner import run as run_prepared
 
 

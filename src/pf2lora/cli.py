@@ -119,7 +119,32 @@ def _parser() -> argparse.ArgumentParser:
     tls = site.add_mutually_exclusive_group(required=True)
     tls.add_argument("--insecure", action="store_true", help="connect without TLS (the SuperNode's own host only)")
     tls.add_argument("--root-certificates", type=Path, metavar="PEM", help="CA certificate of the Runtime API")
+    node = sub.add_parser(
+        "supernode",
+        help="Flower's flower-supernode with a shorter wait between pulls that find no message (Flower's: 3 s)",
+        description="Runs Flower's own SuperNode with every argument after --pull-interval passed to it unchanged; "
+        "the only difference is the wait between the pulls that find no message, which Flower fixes at 3 s.",
+    )
+    node.add_argument(
+        "--pull-interval",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="wait between empty pulls, 0 < S <= 3 (default 3, Flower's); 0.2 suits a federation on one machine",
+    )
     return parser
+
+
+def run_supernode(args: argparse.Namespace, flower_args: list[str]) -> int:
+    if not 0 < args.pull_interval <= 3:
+        print(f"pf2lora: error: --pull-interval must be in (0, 3] seconds, not {args.pull_interval:g}", file=sys.stderr)
+        return 2
+    try:
+        from pf2lora.engines.flower.supernode import run
+    except ImportError as err:
+        print(f"pf2lora: error: pf2lora supernode needs Flower: pip install 'pf2lora[flower]' ({err})", file=sys.stderr)
+        return 2
+    return run(args.pull_interval, flower_args)
 
 
 def run_site(args: argparse.Namespace) -> int:
@@ -156,8 +181,8 @@ def methods() -> int:
 def synthetic(args: argparse.Namespace) -> int:
     import json
 
+    from pf2lora.config import check_out_dir
     from pf2lora.experiments.synthetic import SyntheticConfig, run_synthetic
-    from pf2lora.runner import check_out_dir
 
     try:
         cfg = SyntheticConfig(seed=args.seed, truth=args.truth)
@@ -189,7 +214,7 @@ def synthetic(args: argparse.Namespace) -> int:
 
 def compare(args: argparse.Namespace, items: list[str]) -> int:
     from pf2lora import compare as cmp
-    from pf2lora.runner import check_out_dir
+    from pf2lora.config import check_out_dir
 
     config = items[0] if items and "=" not in items[0] else None
     overrides = items[1:] if config is not None else items
@@ -270,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return run_site(args)
+    if args.command == "supernode":
+        return run_supernode(args, extra)
     if args.command == "synthetic":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pf2lora.config import ConfigError, ExperimentConfig, from_dict, load_config
+from pf2lora.config import ConfigError, ExperimentConfig, check_out_dir, from_dict, load_config
 from pf2lora.methods import check, get
-from pf2lora.runner import check_out_dir, check_resume
+from pf2lora.runner import check_resume
 from pf2lora.tasks import task_class
 
 ABLATIONS = {"bilevel": ("pf2lora", ["train.hypergradient=joint"])}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -607,3 +608,19 @@ def load_config(
     for assignment in overrides or []:
         apply_override(data, assignment)
     return from_dict(ExperimentConfig, data).validate()
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse to write over an earlier run unless asked to, and a directory that cannot be made or
+    written (its nearest existing folder is a file, or not writable), before any work."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out {out} already holds files; choose a new directory or pass --force")
+    nearest = out.absolute()
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(f"--out {out} cannot be made: {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be written: {nearest} is not writable")

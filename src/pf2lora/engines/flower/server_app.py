@@ -31,7 +31,14 @@ from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.algorithms.validation import problem
 from pf2lora.compression import compress
 from pf2lora.config import ConfigError, ExperimentConfig, load_config
-from pf2lora.engines.flower.records import METRIC, decode_params, encode_config, encode_params, message_bytes
+from pf2lora.engines.flower.records import (
+    METRIC,
+    decode_params,
+    encode_config,
+    encode_params,
+    message_bytes,
+    param_names,
+)
 from pf2lora.engines.workers import failure_reasons
 from pf2lora.rounds import Checkpoint, Evaluation, run_rounds
 from pf2lora.runner import check_resume, prepare, run
@@ -114,7 +121,7 @@ class FlowerEngine:
     def _record(self, server_round: int, kind: str, cid: int, reply: Message, size: int) -> None:
         if self.audit is None:
             return
-        arrays = {name: list(record) for name, record in reply.content.array_records.items()}
+        arrays = {name: param_names(record) for name, record in reply.content.array_records.items()}
         line = {"method": self.name, "round": server_round, "kind": kind, "client": cid, "bytes": size}
         with open(self.audit, "a") as fh:
             fh.write(json.dumps({**line, "arrays": arrays}) + "\n")
@@ -273,7 +280,11 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     is most of the time a round takes."""
     if not messages:  # a round that sampled no client (DP-FedAvg's Poisson sampling)
         return []
-    waiting = set(grid.push_messages(messages))
+    return receive(grid, set(grid.push_messages(messages)), timeout)
+
+
+def receive(grid: Grid, waiting: set[str], timeout: float) -> list[Message]:
+    """The replies to the messages ``waiting`` (their ids), pulled until all came or ``timeout``."""
     deadline, replies = time.monotonic() + timeout, []
     while waiting:
         received = list(grid.pull_messages(waiting))
@@ -285,8 +296,9 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     return replies
 
 
-def discover(grid: Grid, cfg: ExperimentConfig, out: Path) -> dict[int, int]:
-    """Wait for the SuperNodes, tell each the experiment, and map each client id to its node."""
+def announce(grid: Grid, cfg: ExperimentConfig, out: Path) -> set[str]:
+    """Wait for the SuperNodes and tell each the experiment (a site prepares it as soon as it is told,
+    while the server prepares its own side); the ids of the messages sent, for :func:`join`."""
     need, deadline = cfg.data.num_clients, time.monotonic() + cfg.flower.connect_timeout
     while len(node_ids := list(grid.get_node_ids())) < need:
         if time.monotonic() > deadline:
@@ -296,9 +308,13 @@ def discover(grid: Grid, cfg: ExperimentConfig, out: Path) -> dict[int, int]:
         time.sleep(0.5)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     content = RecordDict({"config": ConfigRecord({"experiment": text, "out": str(out.resolve())})})
-    messages = [Message(content, dst_node_id=node, message_type="query") for node in node_ids]
-    nodes: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=cfg.flower.connect_timeout):
+    return set(grid.push_messages([Message(content, dst_node_id=node, message_type="query") for node in node_ids]))
+
+
+def join(grid: Grid, cfg: ExperimentConfig, sent: set[str]) -> dict[int, int]:
+    """The SuperNodes' answers to :func:`announce`: each client id mapped to the node holding its partition."""
+    need, nodes = cfg.data.num_clients, {}
+    for reply in receive(grid, sent, cfg.flower.connect_timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise FederationError(f"SuperNode {node} cannot join: {reply.error.reason}")
@@ -317,8 +333,9 @@ def serve(
 ) -> dict[str, Any]:
     """The whole experiment on the federation behind ``grid``; writes the run directory ``out``
     (``resume``: continues the run killed there, see :func:`pf2lora.runner.run`)."""
+    sent = announce(grid, cfg, out)
     prepared = prepare(cfg) if prepared is None else prepared
-    nodes = discover(grid, cfg, out)
+    nodes = join(grid, cfg, sent)
     out.mkdir(parents=True, exist_ok=True)
     if not resume or not (out / "messages.jsonl").exists():
         (out / "messages.jsonl").write_text("")
