@@ -3,8 +3,9 @@
 The run: the default experiment cut to 3 clients, 2 rounds of 3 local steps, PF2LoRA. Timed from
 the command's start to its end, as a user waits for it: ``pf2lora run`` (the local engine) and
 ``scripts/flower_loopback.py`` (a SuperLink, 3 SuperNodes and their sites as separate processes,
-``flwr run``, every process stopped at the end), with sites that load the model once (``pf2lora
-site``, the default) and, when asked, with Flower's default of a new process per message. Each
+``flwr run``, every process stopped at the end; the script's defaults, so SuperNodes that ask for
+work every 0.5 s), with sites that load the model once (``pf2lora site``, the default) and, when
+asked, with Flower's default of a new process per message. Each
 loopback run's per-client metrics are compared with the local engine's: they agree to the last
 bit at the same threads per client, and to about 1e-7 otherwise (a different summation order).
 

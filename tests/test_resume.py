@@ -49,9 +49,9 @@ def killing_evaluate(self, cid, instruction, *args):  # during PF2LoRA's final e
 
 local.Site.train, local.Site.evaluate, rounds.Checkpoint.save = killing_train, killing_evaluate, killing_save
 if moment == "flower-mid-round":  # the server, once HETLoRA's round-2 replies came (the clients trained)
-    from pf2lora.engines.flower import server_app
+    from pf2lora.engines.flower import server
 
-    exchange = server_app.FlowerEngine._exchange
+    exchange = server.FlowerEngine._exchange
 
     def killing_exchange(self, kind, server_round, *args, **kwargs):
         result = exchange(self, kind, server_round, *args, **kwargs)
@@ -59,7 +59,7 @@ if moment == "flower-mid-round":  # the server, once HETLoRA's round-2 replies c
             kill()
         return result
 
-    server_app.FlowerEngine._exchange = killing_exchange
+    server.FlowerEngine._exchange = killing_exchange
 from pf2lora.cli import main
 sys.exit(main(sys.argv[2:]))
 """

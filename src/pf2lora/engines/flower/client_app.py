@@ -7,7 +7,7 @@ site's process, which every message's process is forked from); what belongs to t
 (personal adapter, optimizer moments, sampler cursor, HETLoRA's rank) is kept in a file on the
 node's disk, one per round it changed in (:func:`node_states`), and never sent to the server.
 
-Messages (the server's side is :mod:`pf2lora.engines.flower.server_app`):
+Messages (the server's side is :mod:`pf2lora.engines.flower.server`):
 
 - ``query``: the experiment's config (YAML) and run directory; the reply names the node's
   partition (``partition-id`` of its node config).

@@ -20,7 +20,7 @@ from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from pf2lora.engines.flower.client_app import app as client_app  # noqa: E402
-from pf2lora.engines.flower.server_app import serve  # noqa: E402
+from pf2lora.engines.flower.server import serve  # noqa: E402
 
 log = logging.getLogger(__name__)
 
