@@ -8,11 +8,13 @@ training starts and before anything is written.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from pf2lora.config import ConfigError, ExperimentConfig, load_config
 
@@ -139,12 +141,17 @@ def run_supernode(args: argparse.Namespace, flower_args: list[str]) -> int:
     if not 0 < args.pull_interval <= 3:
         print(f"pf2lora: error: --pull-interval must be in (0, 3] seconds, not {args.pull_interval:g}", file=sys.stderr)
         return 2
+    run = _flower_entry("supernode", "pf2lora.engines.flower.supernode", "run")
+    return 2 if run is None else run(args.pull_interval, flower_args)
+
+
+def _flower_entry(command: str, module: str, name: str) -> Any:
+    """``module.name``, or None after a one-line error where Flower is not installed."""
     try:
-        from pf2lora.engines.flower.supernode import run
+        return getattr(importlib.import_module(module), name)
     except ImportError as err:
-        print(f"pf2lora: error: pf2lora supernode needs Flower: pip install 'pf2lora[flower]' ({err})", file=sys.stderr)
-        return 2
-    return run(args.pull_interval, flower_args)
+        print(f"pf2lora: error: pf2lora {command} needs Flower: pip install 'pf2lora[flower]' ({err})", file=sys.stderr)
+        return None
 
 
 def run_site(args: argparse.Namespace) -> int:
@@ -158,10 +165,8 @@ def run_site(args: argparse.Namespace) -> int:
     if args.root_certificates is not None and not args.root_certificates.is_file():
         print(f"pf2lora: error: --root-certificates {args.root_certificates} is not a file", file=sys.stderr)
         return 2
-    try:
-        from pf2lora.engines.flower.site import serve
-    except ImportError as err:
-        print(f"pf2lora: error: pf2lora site needs Flower: pip install 'pf2lora[flower]' ({err})", file=sys.stderr)
+    serve = _flower_entry("site", "pf2lora.engines.flower.site", "serve")
+    if serve is None:
         return 2
     serve(args.runtime_api_address, args.insecure, str(args.root_certificates) if args.root_certificates else None)
     return 0
