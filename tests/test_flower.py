@@ -219,7 +219,7 @@ def test_site_prepares_the_announced_experiment_once_and_every_fork_inherits_it(
     handoff, seen = tmp_path / "experiment.yaml", tmp_path / "seen"
     monkeypatch.setenv(client_app.HANDOFF_ENV, str(handoff))
     monkeypatch.setattr(client_app, "_EXPERIMENTS", {})
-    client_app._announce(text)
+    client_app._announce(text, 0)
     built = []
     monkeypatch.setattr(
         client_app.Experiment,
@@ -246,6 +246,8 @@ def test_site_prepares_the_announced_experiment_once_and_every_fork_inherits_it(
         executor.reconcile()
     # Assert: prepared once in this process (each method built once), inherited by both forks
     assert built == [("pf2lora", 1), ("homlora", 1)] and executor.loaded == text  # at one thread
+    data = next(iter(client_app._EXPERIMENTS.values())).prepared.data
+    assert set(data.train._done) == set(data.test._done) == {0}  # its own partition's data, no other's
     assert [r.status for r in results] == ["accepted", "accepted"] and refused.status == "failed"
     for token in "ab":
         assert seen.with_suffix(f".{token}").read_text() == f"['homlora', 'pf2lora'] {executor.threads}"

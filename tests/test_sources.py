@@ -113,3 +113,30 @@ def test_numeric_labels_keep_numeric_order_and_pairs_load(tmp_path: Path) -> Non
 
     batch = tokenize(splits.train, load_tokenizer("bundled"), 16).batch([0, 1])
     assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 1, 1]  # [CLS] x [SEP] y [SEP]
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_clients_tokenized_when_first_used_match_the_split_tokenized_at_once(tmp_path: Path, pairs: bool) -> None:
+    from pf2lora.data.text import build_federated_data, client_indices, tokenize
+    from pf2lora.models import load_tokenizer
+
+    words = ["alpha beta", "gamma delta epsilon " * 9, "zeta", "eta theta iota kappa " * 4]
+    frame = pd.DataFrame({"a": words * 10, "b": list(reversed(words)) * 10, "label": [0, 1, 2, 1, 0] * 8})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    pair = {"text_pair_column": "b"} if pairs else {}
+    cfg = DataConfig(dataset="file", path=str(tmp_path / "d.csv"), text_column="a", num_clients=3, **pair)
+    tokenizer = load_tokenizer("bundled")
+    data = build_federated_data(cfg, tokenizer, 12, seed=0)
+    assert not data.train._done and not data.test._done  # nothing tokenized yet
+    splits = load_splits(cfg, seed=0)
+    train_idx, test_idx = client_indices(splits, cfg, 0)
+    assert len(data.train) == len(train_idx) == 3
+    whole = tokenize(splits.train, tokenizer, 12)
+    client = data.train[1]
+    assert set(data.train._done) == {1}  # only the client asked for
+    expected = whole.subset(train_idx[1])
+    assert client.ids == expected.ids and client.types == expected.types
+    assert client.labels.tolist() == expected.labels.tolist()
+    assert data.train[-1] is data.train[2] and [len(c) for c in data.train] == [len(i) for i in train_idx]
+    with pytest.raises(IndexError):
+        data.train[3]

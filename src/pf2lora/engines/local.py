@@ -150,6 +150,9 @@ class LocalEngine:
         self.pool = None
         if workers is not None and workers.parallel:
             self.pool = WorkerPool(self._work, workers.workers, workers.threads or 1)
+            for split in (train, test):  # data tokenized on first use is tokenized here, once, for
+                for cid in range(len(split)):  # the workers to inherit (not once per worker)
+                    split[cid]
 
     def _work(self, kind: str, cid: int, instruction: Instruction, state: Packed, *rest: Any) -> Any:
         """What a worker process does for client ``cid`` (its data from the splits it inherited).

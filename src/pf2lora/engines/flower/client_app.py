@@ -19,6 +19,7 @@ Messages (the server's side is :mod:`pf2lora.engines.flower.server`):
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -117,13 +118,14 @@ def _config(text: str) -> ExperimentConfig:
 HANDOFF_ENV = "PF2LORA_SITE_HANDOFF"  # under `pf2lora site`: where a new experiment's text is left
 
 
-def _announce(text: str) -> None:
-    """Under ``pf2lora site``, leave the text of the experiment the server announced for the site's
-    process, which prepares it once for every later message (written whole, then renamed in)."""
+def _announce(text: str, cid: int) -> None:
+    """Under ``pf2lora site``, leave the text of the experiment the server announced, and this
+    node's partition, for the site's process, which prepares both once for every later message
+    (written whole, then renamed in)."""
     path = os.environ.get(HANDOFF_ENV)
     if not path:
         return
-    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps({"experiment": text, "partition": cid})))
 
 
 def experiment(text: str) -> Experiment:
@@ -192,7 +194,7 @@ def join(msg: Message, context: Context) -> Message:
     cfg = _config(text)  # checked here, prepared at the first train
     if not 0 <= cid < cfg.data.num_clients:
         raise ValueError(f"partition-id {cid} is outside the experiment's {cfg.data.num_clients} clients")
-    _announce(text)
+    _announce(text, cid)
     context.state[RUN] = ConfigRecord({"experiment": config["experiment"], "out": config["out"]})  # type: ignore[index]
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": cid})}), reply_to=msg)
 

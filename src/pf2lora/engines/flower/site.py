@@ -10,13 +10,13 @@ runs Flower's own ``run_clientapp`` (what ``flwr-clientapp`` runs) and exits, so
 still isolated in its own process, with Flower's protocol unchanged; what it inherits is the
 experiment this process prepared (data, and each method's client with its frozen base model).
 
-The site needs no configuration of its own: the experiment comes from the server, as with
-Flower's default SuperExec. The first ClientApp (the server's ``query``) leaves its text in a
-hand-off file; this process prepares it as soon as it appears (between tasks, while Flower's
-SuperNode waits for the server's next message), with one thread (GNU OpenMP cannot run threads in a
-child forked after its parent ran a multi-threaded region), and every later message starts with it
-already loaded, with ``train.threads`` threads (at most ``$PF2LORA_CORES``, where sites share a
-machine).
+The site needs no configuration of its own: the experiment comes from the server, as with Flower's
+default SuperExec. The first ClientApp (the server's ``query``) leaves its text and the node's
+partition in a hand-off file; this process prepares both (the data of that partition only) as soon
+as they appear (between tasks, while Flower's SuperNode waits for the server's next message), with
+one thread (GNU OpenMP cannot run threads in a child forked after its parent ran a multi-threaded
+region), and every later message starts with it already loaded, with ``train.threads`` threads (at
+most ``$PF2LORA_CORES``, where sites share a machine).
 
 Run it next to a SuperNode started with ``--isolation process``::
 
@@ -26,6 +26,7 @@ Run it next to a SuperNode started with ``--isolation process``::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -67,12 +68,14 @@ class ForkExecutor:
         """A fork needs no capacity: the SuperNode hands one task per message."""
 
     def warm(self) -> None:
-        """Prepare the experiment a ClientApp announced, if it is new, in this process."""
+        """Prepare the experiment a ClientApp announced, if it is new, in this process: every
+        method's client, and the data of this site's partition (no other's)."""
         try:
-            text = self.handoff.read_text()
-        except OSError:
+            announced = json.loads(self.handoff.read_text())
+        except (OSError, ValueError):  # none yet (or being renamed in)
             return
-        if not text or text == self.loaded:
+        text = announced["experiment"]
+        if text == self.loaded:
             return
         self.loaded = text
         will_fork()  # preparing keeps this process at one thread, whatever train.threads says
@@ -81,6 +84,7 @@ class ForkExecutor:
             exp = client_app.experiment(text)
             for name in exp.cfg.algorithms:
                 exp.client(name)
+            exp.data(int(announced["partition"]))
         except Exception as err:  # noqa: BLE001 - the ClientApps prepare it themselves and report why they fail
             log.warning("site: could not prepare the announced experiment here (%s); each message prepares it", err)
             return
