@@ -77,6 +77,7 @@ class Federation:
             POLL_ENV: "0.5",
         }
         self.processes: list[subprocess.Popen] = []
+        self.submitted: subprocess.Popen | None = None  # `flwr run`, once started
         (work / "logs").mkdir(parents=True, exist_ok=True)
         (work / "flwr_home").mkdir(parents=True, exist_ok=True)
 
@@ -123,7 +124,7 @@ class Federation:
         (self.work / "flwr_home" / "config.toml").write_text(connection + "insecure = true\n")
         command = [str(self.bin / "flwr"), "run", str(APP), "loopback", "--run-config", run_config, "--stream"]
         log = open(self.work / "logs" / "run.log", "w")  # noqa: SIM115 - lives as long as the process
-        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        run = self.submitted = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         for k, (port, supernode) in enumerate(zip(nodes, supernodes, strict=True)):
             wait_port(port, supernode)
             if self.sites == "fork":  # the site's task runner: the model loaded once, each message forked
@@ -151,6 +152,9 @@ class Federation:
         """SuperNodes first, the SuperLink last, each with everything it spawned (SuperExecs, ServerApp
         and ClientApp processes); whatever is left after ``grace`` seconds is killed. Returns what
         had to be killed."""
+        if self.submitted is not None and self.submitted.poll() is None:  # start() failed after submitting
+            self.submitted.terminate()
+            self.submitted.wait()
         family = _descendants([p.pid for p in self.processes])
         for process in reversed(self.processes):
             _signal(process.pid, signal.SIGTERM, group=True)

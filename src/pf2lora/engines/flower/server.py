@@ -61,7 +61,7 @@ class FlowerEngine:
         audit: Path | None = None,
     ) -> None:
         """``audit``: a JSON-lines file that gets one line per reply the server received (round, kind,
-        client, bytes, and the name of every array in it), to check what left each site."""
+        client, bytes, and the name of every tensor in it), to check what left each site."""
         self.grid, self.nodes, self.name, self.cfg, self.server = grid, nodes, name, cfg, server
         self.audit = audit
         self.client_ids = sorted(nodes)
