@@ -44,7 +44,7 @@ def test_independent_truths_cannot_be_fitted_below_the_bound() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])  # seed 2 recovers the ranks too; two keep `make test` in budget
 def test_synthetic_cli_recovers_ranks(seed: int, tmp_path: Path) -> None:
     out = tmp_path / "syn"
     assert main(["synthetic", "--seed", str(seed), "--out", str(out)]) == 0

@@ -282,7 +282,7 @@ def flower_federation_error() -> type[Exception]:
     ConfigError saying how to install Flower."""
     try:
         import pf2lora.engines.flower.simulation  # noqa: F401 - what engine=flower runs on
-        from pf2lora.engines.flower.server_app import FederationError
+        from pf2lora.engines.flower.messaging import FederationError
     except ImportError as err:
         raise ConfigError(f"engine=flower needs Flower: pip install 'pf2lora[flower]' ({err})") from err
     return FederationError

@@ -30,6 +30,7 @@ from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.algorithms.validation import problem
 from pf2lora.compression import compress
 from pf2lora.config import ExperimentConfig
+from pf2lora.engines.flower.messaging import FederationError, announce, join, send_and_receive
 from pf2lora.engines.flower.records import (
     METRIC,
     decode_params,
@@ -38,7 +39,6 @@ from pf2lora.engines.flower.records import (
     message_bytes,
     param_names,
 )
-from pf2lora.engines.flower.server_app import FederationError, announce, join, send_and_receive
 from pf2lora.engines.workers import failure_reasons
 from pf2lora.rounds import Checkpoint, Evaluation, run_rounds
 from pf2lora.runner import prepare, run
@@ -278,7 +278,7 @@ def serve(
 ) -> dict[str, Any]:
     """The whole experiment on the federation behind ``grid``; writes the run directory ``out``
     (``resume``: continues the run killed there, see :func:`pf2lora.runner.run`). ``announced``:
-    the messages of an :func:`~.server_app.announce` already sent (else it is sent here first)."""
+    the messages of an :func:`~.messaging.announce` already sent (else it is sent here first)."""
     sent = announce(grid, cfg, out) if announced is None else announced
     prepared = prepare(cfg) if prepared is None else prepared
     nodes = join(grid, cfg, sent)
