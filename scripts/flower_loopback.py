@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from pf2lora.engines.flower.supernode import interval_problem
 from pf2lora.parallelism import CORES_ENV, available_cores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         check_out_dir(args.out, args.force)
         if config is not None and not Path(config).is_file():
             raise ConfigError(f"config file {config} not found")
-        if not 0 < args.pull_interval <= 3:
-            raise ConfigError(f"--pull-interval must be in (0, 3] seconds, not {args.pull_interval:g}")
+        if (problem := interval_problem(args.pull_interval)) is not None:
+            raise ConfigError(problem)
     except ConfigError as err:
         print(f"flower_loopback: error: {err}", file=sys.stderr)
         return 2

@@ -138,8 +138,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_supernode(args: argparse.Namespace, flower_args: list[str]) -> int:
-    if not 0 < args.pull_interval <= 3:
-        print(f"pf2lora: error: --pull-interval must be in (0, 3] seconds, not {args.pull_interval:g}", file=sys.stderr)
+    from pf2lora.engines.flower.supernode import interval_problem  # no Flower import at module level
+
+    if (problem := interval_problem(args.pull_interval)) is not None:
+        print(f"pf2lora: error: {problem}", file=sys.stderr)
         return 2
     run = _flower_entry("supernode", "pf2lora.engines.flower.supernode", "run")
     return 2 if run is None else run(args.pull_interval, flower_args)

@@ -22,6 +22,13 @@ from types import ModuleType
 DEFAULT_PULL_INTERVAL = 3.0  # Flower's own
 
 
+def interval_problem(seconds: float) -> str | None:
+    """Why ``seconds`` cannot be a pull interval (in (0, 3]: never longer than Flower's own), or None."""
+    if not 0 < seconds <= DEFAULT_PULL_INTERVAL:
+        return f"--pull-interval must be in (0, {DEFAULT_PULL_INTERVAL:g}] seconds, not {seconds:g}"
+    return None
+
+
 class CappedClock:
     """The :mod:`time` module as one Flower module sees it, with ``sleep`` capped at ``interval``."""
 
