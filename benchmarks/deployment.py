@@ -4,12 +4,15 @@ The run: the default experiment cut to 3 clients, 2 rounds of 3 local steps, PF2
 the command's start to its end, as a user waits for it: ``pf2lora run`` (the local engine) and
 ``scripts/flower_loopback.py`` (a SuperLink, 3 SuperNodes and their sites as separate processes,
 ``flwr run``, every process stopped at the end; the script's defaults, so SuperNodes that ask for
-work every 0.5 s), with sites that load the model once (``pf2lora site``, the default) and, when
-asked, with Flower's default of a new process per message. Each
+work every 0.5 s), with the script's ``--sites`` modes asked for: ``shared`` (the default: one
+``pf2lora site`` process for the 3 SuperNodes, which imports the libraries once and forks a task
+loop per SuperNode, each loading the model once), ``fork`` (one ``pf2lora site`` per SuperNode,
+each importing its own libraries, as on separate machines) and ``subprocess`` (Flower's default:
+a new process per message). Each
 loopback run's per-client metrics are compared with the local engine's: they agree to the last
 bit at the same threads per client, and to about 1e-7 otherwise (a different summation order).
 
-    python -m benchmarks.deployment [fork,subprocess]
+    python -m benchmarks.deployment [shared,fork,subprocess]
 """
 
 from __future__ import annotations
@@ -53,4 +56,4 @@ def measure(sites: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1].split(",") if len(sys.argv) > 1 else ["fork"])))
+    print(json.dumps(measure(sys.argv[1].split(",") if len(sys.argv) > 1 else ["shared"])))

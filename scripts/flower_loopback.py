@@ -4,12 +4,14 @@ separate process started with Flower's own commands (each SuperNode through ``pf
 Flower's SuperNode with a 0.5 s wait between empty pulls instead of its fixed 3 s, see
 ``--pull-interval``), the experiment submitted with ``flwr run``, and every process stopped at the
 end (also on failure or Ctrl-C). By default each SuperNode runs in
-process isolation next to ``pf2lora site``, which prepares the model and data once per run and
-forks each message's ClientApp from it; ``--sites subprocess`` gives Flower's default instead (a
-new process, and a new model load, per message).
+process isolation, and one ``pf2lora site`` process serves them all: it imports the libraries
+once, forks a task loop per SuperNode, and each loop prepares the model and its partition's data
+once per run and forks each message's ClientApp from it. ``--sites fork`` starts one ``pf2lora
+site`` per SuperNode instead (as separate machines would, each importing its own libraries);
+``--sites subprocess`` gives Flower's default (a new process, and a new model load, per message).
 
-    python scripts/flower_loopback.py [CONFIG] [key=value ...] --out runs/x [--work DIR] [--sites fork|subprocess]
-        [--pull-interval SECONDS]
+    python scripts/flower_loopback.py [CONFIG] [key=value ...] --out runs/x [--work DIR]
+        [--sites shared|fork|subprocess] [--pull-interval SECONDS]
 
 The ServerApp writes the run directory ``--out``; SuperNode k holds partition k of the configured
 data and keeps its own state and outputs under ``<work>/site<k>`` (as a site would on its own
@@ -96,11 +98,12 @@ class Federation:
         return process
 
     def start(self, run_config: str) -> subprocess.Popen:
-        """The SuperLink, then at once the SuperNodes and ``flwr run`` (the ServerApp starts while the
-        SuperNodes connect, and waits for them), then each site as its SuperNode's Runtime API opens.
-        Returns the ``flwr run`` process."""
+        """The SuperLink, then at once the SuperNodes, their site process (``shared``: one for all,
+        which imports its libraries while the SuperNodes start) and ``flwr run`` (the ServerApp
+        starts while the SuperNodes connect, and waits for them); with ``fork``, each SuperNode's own
+        site as its Runtime API opens. Returns the ``flwr run`` process."""
         link, *nodes = free_ports(1 + self.clients)
-        cores = max(1, available_cores() // self.clients)  # the sites share this machine's cores
+        site_env = {CORES_ENV: str(max(1, available_cores() // self.clients))}  # the sites share the cores
         superlink = self._start(
             "superlink",
             ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation"]
@@ -112,7 +115,7 @@ class Federation:
         for k, port in enumerate(nodes):
             site = self.work / f"site{k}"
             node_config = f"partition-id={k} num-partitions={self.clients} dir='{site}'"
-            isolation = ["--isolation", "process"] if self.sites == "fork" else []
+            isolation = ["--isolation", "process"] if self.sites != "subprocess" else []
             supernodes.append(
                 self._start(
                     f"supernode{k}",
@@ -121,6 +124,9 @@ class Federation:
                     + ["--node-config", node_config, "--host", "127.0.0.1", "--port", str(port)],
                 )
             )
+        if self.sites == "shared":  # its task loops connect once it has imported; Flower retries until then
+            addresses = [a for port in nodes for a in ("--runtime-api-address", f"127.0.0.1:{port}")]
+            self._start("sites", ["pf2lora", "site", *addresses, "--insecure"], site_env)
         connection = f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link}"\n'
         (self.work / "flwr_home" / "config.toml").write_text(connection + "insecure = true\n")
         command = [str(self.bin / "flwr"), "run", str(APP), "loopback", "--run-config", run_config, "--stream"]
@@ -130,7 +136,7 @@ class Federation:
             wait_port(port, supernode)
             if self.sites == "fork":  # the site's task runner: the model loaded once, each message forked
                 command = ["pf2lora", "site", "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"]
-                self._start(f"site{k}", command, {CORES_ENV: str(cores)})
+                self._start(f"site{k}", command, site_env)
         return run
 
     def wait(self, run: subprocess.Popen) -> int:
@@ -221,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="allow writing into a non-empty --out")
     parser.add_argument(
         "--sites",
-        choices=("fork", "subprocess"),
-        default="fork",
-        help="fork (default): each SuperNode in process isolation with `pf2lora site`, which prepares the model "
-        "once and forks each message's ClientApp; subprocess: Flower's default, a new process per message",
+        choices=("shared", "fork", "subprocess"),
+        default="shared",
+        help="shared (default): every SuperNode in process isolation, served by one `pf2lora site` process that "
+        "imports the libraries once and forks a task loop per SuperNode, which prepares the model once and forks "
+        "each message's ClientApp; fork: one `pf2lora site` process per SuperNode, as on separate machines; "
+        "subprocess: Flower's default, a new process per message",
     )
     parser.add_argument(
         "--pull-interval",

@@ -257,8 +257,38 @@ def test_site_prepares_the_announced_experiment_once_and_every_fork_inherits_it(
 def test_site_refuses_bad_input(capsys) -> None:
     assert main(["site", "--runtime-api-address", "nohost", "--insecure"]) == 2
     assert main(["site", "--runtime-api-address", "h:1", "--root-certificates", "/no/such.pem"]) == 2
+    assert main(["site", "--runtime-api-address", "h:1", "--runtime-api-address", "h:99999", "--insecure"]) == 2
+    assert main(["site", "--runtime-api-address", "h:1", "--runtime-api-address", "h:1", "--insecure"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("pf2lora: error: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("pf2lora: error: ") for line in err)
+    assert "'h:99999'" in err[2] and "given twice" in err[3]
+
+
+def test_one_site_process_serves_several_supernodes_each_in_its_own_task_loop(tmp_path: Path, monkeypatch) -> None:
+    # Arrange: a stand-in for one SuperNode's task loop that records where it ran; the second fails
+    import os
+    import signal
+
+    from pf2lora.engines.flower import site
+
+    def loop(address: str, insecure: bool, root_certificates: str | None) -> None:
+        (tmp_path / address.replace(":", "_")).write_text(f"{os.getpid()} {insecure} {root_certificates}")
+        if address.endswith(":2"):
+            raise RuntimeError("this SuperNode's loop fails")
+
+    monkeypatch.setattr(site, "serve", loop)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    # Act
+    status = site.serve_many(["h:1", "h:2", "h:3"], True, None)
+    # Assert: each address served once, each in its own fork of this process; the failure is the
+    # status and did not stop the others; this process's signal handlers are its own again
+    seen = {p.name: p.read_text().split() for p in tmp_path.iterdir()}
+    assert sorted(seen) == ["h_1", "h_2", "h_3"]
+    pids = {int(pid) for pid, _, _ in seen.values()}
+    assert len(pids) == 3 and os.getpid() not in pids
+    assert all(rest == ["True", "None"] for _, *rest in seen.values())
+    assert status == 1
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 # ----------------------------------------------------------------------------- integration
@@ -426,9 +456,10 @@ def test_deployment_on_loopback(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert not list(out.rglob("personal_*")) and not (out / "client_state").exists()
     for k in range(3):
         assert (work / f"site{k}" / "client_state" / "pf2lora" / f"client{k}.r2.pt").is_file()
-    # each site (`pf2lora site`, the default) prepared the experiment once, and the results are the local engine's
-    for k in range(3):
-        assert (work / "logs" / f"site{k}.log").read_text().count("prepared once") == 1
+    # one `pf2lora site` process served the 3 SuperNodes (the default); each of its task loops prepared the
+    # experiment once, and the results are the local engine's
+    prepared = [line for line in (work / "logs" / "sites.log").read_text().splitlines() if "prepared once" in line]
+    assert len(prepared) == 3 and len({line.split("site ")[1].split(":")[1] for line in prepared}) == 3
     local = tmp_path / "local"
     overrides = [*_tiny(tiny_model_dir), "algorithms=[pf2lora]", "train.rounds=2"]
     assert main(["run", *overrides, "--out", str(local), "--quiet"]) == 0
@@ -475,10 +506,11 @@ def test_secure_aggregation_on_the_simulation_gives_the_plain_mean(tiny_model_di
 
 @pytest.mark.integration
 def test_secure_aggregation_on_the_loopback_deployment(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Prepare / Execute: SecAgg+ between 3 SuperNodes (their sites forking each message) and the server
+    # Prepare / Execute: SecAgg+ between 3 SuperNodes (each with its own `pf2lora site` process, as on
+    # separate machines, forking each message) and the server
     common = [*_tiny(tiny_model_dir), "algorithms=[homlora]", "train.rounds=2"]
     out, work, local = tmp_path / "run", tmp_path / "federation", tmp_path / "local"
-    script = [sys.executable, str(REPO / "scripts" / "flower_loopback.py")]
+    script = [sys.executable, str(REPO / "scripts" / "flower_loopback.py"), "--sites", "fork"]
     proc = subprocess.run(
         [*script, *common, "flower.secure_aggregation=true", "--out", str(out), "--work", str(work)],
         capture_output=True,
@@ -489,3 +521,5 @@ def test_secure_aggregation_on_the_loopback_deployment(tiny_model_dir: Path, tmp
     assert main(["run", *common, "--out", str(local), "--quiet"]) == 0
     # Assert
     _secure_checks(out, local, ["homlora"])
+    for k in range(3):  # each site process prepared the experiment once
+        assert (work / "logs" / f"site{k}.log").read_text().count("prepared once") == 1

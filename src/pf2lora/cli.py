@@ -110,13 +110,16 @@ def _parser() -> argparse.ArgumentParser:
         "site",
         help="a Flower site's task runner that loads the model once per run (flower-supernode --isolation process)",
         description="Runs the ClientApp tasks of one SuperNode started with `--isolation process`, each in a fork of "
-        "this process, which prepares the experiment (data, base model) once per run instead of once per message.",
+        "this process, which prepares the experiment (data, base model) once per run instead of once per message. "
+        "Several SuperNodes on one host: one --runtime-api-address each; the libraries are imported once and one "
+        "task loop per SuperNode is forked.",
     )
     site.add_argument(
         "--runtime-api-address",
         required=True,
+        action="append",
         metavar="HOST:PORT",
-        help="the SuperNode's Runtime API (its --host and --port)",
+        help="the SuperNode's Runtime API (its --host and --port); repeat it for each SuperNode on this host",
     )
     tls = site.add_mutually_exclusive_group(required=True)
     tls.add_argument("--insecure", action="store_true", help="connect without TLS (the SuperNode's own host only)")
@@ -157,21 +160,22 @@ def _flower_entry(command: str, module: str, name: str) -> Any:
 
 
 def run_site(args: argparse.Namespace) -> int:
-    host, _, port = args.runtime_api_address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        print(
-            f"pf2lora: error: --runtime-api-address must be HOST:PORT, not {args.runtime_api_address!r}",
-            file=sys.stderr,
-        )
+    for address in args.runtime_api_address:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            print(f"pf2lora: error: --runtime-api-address must be HOST:PORT, not {address!r}", file=sys.stderr)
+            return 2
+    if len(set(args.runtime_api_address)) < len(args.runtime_api_address):
+        print("pf2lora: error: a --runtime-api-address is given twice (one task loop per SuperNode)", file=sys.stderr)
         return 2
     if args.root_certificates is not None and not args.root_certificates.is_file():
         print(f"pf2lora: error: --root-certificates {args.root_certificates} is not a file", file=sys.stderr)
         return 2
-    serve = _flower_entry("site", "pf2lora.engines.flower.site", "serve")
+    serve = _flower_entry("site", "pf2lora.engines.flower.site", "serve_many")
     if serve is None:
         return 2
-    serve(args.runtime_api_address, args.insecure, str(args.root_certificates) if args.root_certificates else None)
-    return 0
+    certificates = str(args.root_certificates) if args.root_certificates else None
+    return serve(args.runtime_api_address, args.insecure, certificates)
 
 
 def methods() -> int:
