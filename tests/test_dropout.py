@@ -98,6 +98,8 @@ def test_a_replay_that_does_not_match_the_recording_is_an_error() -> None:
         {"is_causal": True},
         {"attn_mask": torch.tensor([True, True, True, False]).expand(4, 4)},
         {"attn_mask": torch.randn(4, 4, generator=torch.Generator().manual_seed(0)), "scale": 0.3},
+        # a query that may see no key: PyTorch's safe softmax gives it zeros, not NaN
+        {"attn_mask": torch.tensor([[True] * 4, [False] * 4, [True, False, True, False], [False, False, False, True]])},
     ],
 )
 def test_attention_with_dropout_matches_pytorch(kwargs: dict) -> None:
@@ -109,3 +111,4 @@ def test_attention_with_dropout_matches_pytorch(kwargs: dict) -> None:
     with DropoutMasks().record():
         got = F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, **kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert not got.isnan().any()

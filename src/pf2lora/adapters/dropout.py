@@ -98,10 +98,11 @@ class DropoutMasks(TorchFunctionMode):
                 raise RuntimeError("replayed pass does not match the recorded one (dropout masks differ)")
             mask = self.masks[self.position]
             self.position += 1
-            # x * mask is exact (x or 0), so this rounds once, as x * noise does, forward and
-            # backward; it skips turning the mask back into a float tensor, which costs as much as
-            # the multiplication itself
-            return x * mask * torch.ones((), dtype=x.dtype, device=x.device).div_(1 - p)
+            # the recorded noise (0 or 1/(1-p), rounded as torch rounds it) rebuilt from the boolean
+            # mask, then one multiplication: PyTorch's own arithmetic, forward and backward, to the
+            # bit. Multiplying by the boolean mask directly costs about twice as much: each mixed
+            # bool * float product, forward and backward, casts the mask again.
+            return x * mask.to(x.dtype).mul_(torch.ones((), dtype=x.dtype, device=x.device).div_(1 - p))
         noise = torch.empty_like(x).bernoulli_(1 - p)  # torch's own draw (ATen _dropout_impl)
         self.masks.append(noise.bool())
         return x * noise.div_(1 - p)
@@ -133,7 +134,14 @@ class DropoutMasks(TorchFunctionMode):
         attn = torch.matmul(query * factor, key.transpose(-2, -1) * factor)
         if attn_mask is not None:
             attn = attn + attn_mask
-        attn = torch.ops.aten._safe_softmax(attn, -1)
+        # PyTorch's kernel calls _safe_softmax: zeros for a row of scores that is all -inf, where
+        # softmax gives NaN; on every other row it is softmax, at 3 to 4 times the cost (more
+        # passes over the scores: isneginf, all, where). With finite queries and keys only the
+        # mask can make a whole row -inf, so the safe form runs where the mask does.
+        if attn_mask is not None and bool(torch.isneginf(attn_mask).all(-1).any()):
+            attn = torch.ops.aten._safe_softmax(attn, -1)
+        else:
+            attn = torch.softmax(attn, -1)
         return torch.matmul(self._drop(attn, dropout_p), value)
 
 
