@@ -328,6 +328,36 @@ def test_prompt_longer_than_max_length_is_refused(lm_dir):
         encode(frame, tokenizer, 8)
 
 
+def test_a_clients_pairs_are_encoded_when_first_used_as_from_the_whole_split(lm_dir, e2e_csv):
+    from transformers import AutoTokenizer
+
+    from pf2lora.config import load_config
+    from pf2lora.data.text import client_indices
+
+    overrides = [f"model.name={lm_dir}", "model.max_length=48", f"data.path={e2e_csv}", "data.num_clients=2"]
+    cfg = load_config(None, ["task.name=generation", "data.dataset=e2e", "data.partition=iid", *overrides])
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    task, data = Generation.build(cfg, tokenizer)
+    assert not data.train._done and not data.test._done  # nothing encoded until a client's data is used
+    client = data.train[1]
+    assert set(data.train._done) == {1} and not data.test._done
+    splits = gen_data.load_generation(cfg.data, cfg.seed)
+    rows = client_indices(splits, cfg.data, cfg.seed)[0][1]
+    whole = encode(splits.train, tokenizer, 48)
+
+    def pairs(d, inputs) -> list[list[list[int]]]:  # each input's prompt and pairs, in the order of ``inputs``
+        return [[d.prompts[r], *[d.ids[p] for p in range(len(d)) if d.pair_input[p] == r]] for r in inputs]
+
+    assert pairs(client, range(client.num_inputs)) == pairs(whole, rows)
+    assert sum(len(refs) for refs in client.inputs["references"]) == len(client) > client.num_inputs
+    assert task.pad_id == whole.pad_id == client.pad_id
+    # a prompt too long for model.max_length is refused at build, before any client is encoded
+    with pytest.raises(ConfigError, match="shorter than the longest prompt"):
+        Generation.build(
+            load_config(None, ["task.name=generation", "data.dataset=e2e", *overrides, "model.max_length=9"]), tokenizer
+        )
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_beam_search_through_adapters_equals_exported_peft_adapter(kind, tmp_path):
     """A PF2LoRA client's model (common + personal adapters, random non-zero factors) generates the

@@ -17,8 +17,10 @@ from pf2lora.adapters.export import PeftExporter
 from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.cli import main
 from pf2lora.config import ConfigError, TaskConfig, load_config
+from pf2lora.data.squad import load_squad, read_squad_json
+from pf2lora.data.text import client_indices
 from pf2lora.models import load_tokenizer
-from pf2lora.tasks.qa import QuestionAnswering, decode, windows
+from pf2lora.tasks.qa import QuestionAnswering, check_windows, decode, windows
 from pf2lora.tasks.squad_metrics import exact_match, f1_score, normalize_answer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,7 +176,7 @@ def test_title_partition_keeps_every_question_and_follows_h(tmp_path: Path) -> N
         # Execute
         task, data = _build(path, "data.num_clients=4", f"data.heterogeneity={h}", "data.test_fraction=0.2")
         # Assert: every question in exactly one client's train or test split
-        ids = [i for part in data.train + data.test for i in part.questions["id"]]
+        ids = [i for part in [*data.train, *data.test] for i in part.questions["id"]]
         assert sorted(ids) == sorted(f"title{t}-{i}" for t in range(8) for i in range(40))
         titles = [sorted(set(part.questions["title"])) for part in data.train]
         if h == 1.0:  # title-sorted shards, train and test alike: client k's titles come after client k-1's
@@ -190,6 +192,48 @@ def test_title_partition_keeps_every_question_and_follows_h(tmp_path: Path) -> N
         else:  # i.i.d.: every client sees most titles
             assert all(len(t) >= 5 for t in titles)
     assert task.name == "qa"
+
+
+def _windows_by_question(data) -> dict[str, list[tuple]]:
+    found: dict[str, list[tuple]] = {}
+    for w, q in enumerate(data.question):
+        found.setdefault(data.questions["id"].iloc[q], []).append((data.ids[w], int(data.starts[w]), int(data.ends[w])))
+    return found
+
+
+def test_a_clients_windows_are_cut_when_first_used_as_from_the_whole_split(tmp_path: Path) -> None:
+    # Prepare: contexts of 40 words, several windows each
+    path = _write(tmp_path / "squad.json", [_article(f"title{t}", 6, words=40, seed=t) for t in range(4)])
+    overrides = ["model.max_length=48", "task.stride=16", "data.num_clients=3", "data.partition=iid"]
+    cfg = load_config(None, ["task.name=qa", "data.dataset=file", f"data.path={path}", *overrides])
+    tokenizer = load_tokenizer("bundled")
+    # Execute
+    _, data = QuestionAnswering.build(cfg, tokenizer)
+    # Assert: nothing windowed until a client's data is asked for, then only that client's
+    assert not data.train._done and not data.test._done
+    client = data.train[1]
+    assert set(data.train._done) == {1} and not data.test._done
+    splits = load_squad(cfg.data, cfg.seed)
+    rows = client_indices(splits, cfg.data, cfg.seed)[0][1]
+    assert list(client.questions["id"]) == list(splits.train["id"].iloc[rows])
+    whole = _windows_by_question(windows(splits.train, tokenizer, max_length=48, stride=16))
+    mine = _windows_by_question(client)
+    assert max(len(w) for w in mine.values()) >= 2  # contexts cut into several windows
+    assert mine == {q: whole[q] for q in client.questions["id"]}  # the whole split's windows, question by question
+
+
+def test_a_question_that_leaves_no_room_for_windows_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    long = _article("T", 4, words=30)
+    long["paragraphs"][0]["qas"][2]["question"] = "which " * 40 + "word?"
+    path = _write(tmp_path / "long.json", [long])
+    message = _bad(tmp_path, capsys, f"data.path={path}", "data.num_clients=1")
+    assert "question 'T-2' takes" in message and "raise model.max_length or lower task.stride" in message
+    # the same question over a context that fits in what it leaves is windowed as usual
+    short = _article("T", 4, words=1)
+    short["paragraphs"][0]["qas"][2]["question"] = "which " * 40 + "word?"
+    frame = read_squad_json(str(_write(tmp_path / "short.json", [short])))
+    check_windows(frame, load_tokenizer("bundled"), 48, 16)
+    assert len(windows(frame, load_tokenizer("bundled"), 48, 16)) == 4
 
 
 # ----------------------------------------------------------------------------- export

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pf2lora.config import ConfigError, DataConfig
@@ -88,7 +90,7 @@ class FederatedData:
 
     def pooled_train(self) -> Any:
         """Every client's training examples in one set, in client order (centralized training)."""
-        return type(self.train[0]).pool(self.train)
+        return type(self.train[0]).pool(list(self.train))
 
 
 def client_indices(splits: TextSplits, cfg: DataConfig, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -130,30 +132,31 @@ def client_indices(splits: TextSplits, cfg: DataConfig, seed: int) -> tuple[list
 
 
 class LazyClients(Sequence):
-    """Each client's examples of one split, tokenized the first time the client's data is asked for
-    and kept. A deployed site asks only for its own partition and the Flower server for none, so
-    neither tokenizes the whole federation's data (each did: 1.8 s of CPU on BBC News, in every
-    process of a federation on one machine). The same tokens as tokenizing the split at once: a
-    tokenizer encodes each example on its own."""
+    """Each client's examples of one split, encoded by ``encode`` (a frame of the client's rows in,
+    the task's client data out) the first time the client's data is asked for, and kept. A deployed
+    site asks only for its own partition and the Flower server for none, so neither encodes the
+    whole federation's data (each did: 1.8 s of CPU on BBC News, in every process of a federation
+    on one machine; SQuAD's windows take far longer). The same data as encoding the split at once
+    and taking the client's rows: a tokenizer encodes each example on its own."""
 
-    def __init__(self, frame, indices: list[np.ndarray], tokenizer, max_length: int) -> None:
-        self.frame, self.indices, self.tokenizer, self.max_length = frame, indices, tokenizer, max_length
-        self._done: dict[int, TokenizedData] = {}
+    def __init__(self, frame: pd.DataFrame, indices: list[np.ndarray], encode: Callable[[pd.DataFrame], Any]) -> None:
+        self.frame, self.indices, self.encode = frame, indices, encode
+        self._done: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, cid: int) -> TokenizedData:  # type: ignore[override]
+    def __getitem__(self, cid: int) -> Any:  # type: ignore[override]
         if not isinstance(cid, int | np.integer):
             raise TypeError(f"client ids are integers, not {type(cid).__name__}")
         if not -len(self) <= cid < len(self):
             raise IndexError(f"client {cid} of {len(self)}")
         cid = int(cid) % len(self)
         if cid not in self._done:
-            self._done[cid] = tokenize(self.frame.iloc[self.indices[cid]], self.tokenizer, self.max_length)
+            self._done[cid] = self.encode(self.frame.iloc[self.indices[cid]])
         return self._done[cid]
 
-    def __iter__(self) -> Iterator[TokenizedData]:
+    def __iter__(self) -> Iterator[Any]:
         return (self[cid] for cid in range(len(self)))
 
 
@@ -161,8 +164,7 @@ def build_federated_data(cfg: DataConfig, tokenizer, max_length: int, seed: int)
     """Each client's splits, tokenized as they are first used (:class:`LazyClients`)."""
     splits = load_splits(cfg, seed)
     train_idx, test_idx = client_indices(splits, cfg, seed)
+    encode = partial(tokenize, tokenizer=tokenizer, max_length=max_length)
     return FederatedData(
-        LazyClients(splits.train, train_idx, tokenizer, max_length),  # type: ignore[arg-type]
-        LazyClients(splits.test, test_idx, tokenizer, max_length),  # type: ignore[arg-type]
-        splits.label_names,
+        LazyClients(splits.train, train_idx, encode), LazyClients(splits.test, test_idx, encode), splits.label_names
     )

@@ -16,6 +16,8 @@ There is no new head: the output layer stays frozen and only the adapters train.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from pf2lora.config import ConfigError, ExperimentConfig, TaskConfig
 from pf2lora.data.generation import load_generation
-from pf2lora.data.text import FederatedData, client_indices
+from pf2lora.data.text import FederatedData, LazyClients, client_indices
 from pf2lora.tasks.base import Batch, Forward, Task
 from pf2lora.tasks.text_metrics import METRICS, score_all
 from pf2lora.utils import write_jsonl
@@ -119,15 +121,7 @@ def encode(inputs: pd.DataFrame, tokenizer: Any, max_length: int) -> GenerationD
     ``max_length`` tokens per pair (a long reference is cut; a prompt that leaves no room for a
     target is an error)."""
     eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError("task.name=generation needs a tokenizer with an end-of-sequence token")
-    prompts = tokenizer([prompt_text(s) for s in inputs["source"]])["input_ids"]
-    longest = max(len(p) for p in prompts)
-    if longest >= max_length:
-        raise ConfigError(
-            f"model.max_length ({max_length}) is shorter than the longest prompt ({longest} tokens) plus a target; "
-            f"raise it above {longest}"
-        )
+    prompts = prompt_ids(inputs["source"], tokenizer, max_length)
     references = [str(r) for refs in inputs["references"] for r in refs]
     targets = tokenizer(references, add_special_tokens=False)["input_ids"] if references else []
     ids, lengths, owner = [], [], []
@@ -139,8 +133,30 @@ def encode(inputs: pd.DataFrame, tokenizer: Any, max_length: int) -> GenerationD
             lengths.append(len(prompts[row]))
             owner.append(row)
             t += 1
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return GenerationData(inputs, [list(p) for p in prompts], ids, np.array(lengths), np.array(owner), pad)
+    return GenerationData(
+        inputs, [list(p) for p in prompts], ids, np.array(lengths), np.array(owner), pad_id(tokenizer)
+    )
+
+
+def prompt_ids(sources: Iterable[str], tokenizer: Any, max_length: int) -> list[list[int]]:
+    """The token ids of each source's prompt; an error where a prompt leaves no room for a target
+    in ``max_length`` tokens, or where the tokenizer has no end-of-sequence token."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("task.name=generation needs a tokenizer with an end-of-sequence token")
+    prompts = tokenizer([prompt_text(s) for s in sources])["input_ids"]
+    longest = max((len(p) for p in prompts), default=0)
+    if longest >= max_length:
+        raise ConfigError(
+            f"model.max_length ({max_length}) is shorter than the longest prompt ({longest} tokens) plus a target; "
+            f"raise it above {longest}"
+        )
+    return prompts
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding id of the batches: the end-of-sequence id where the tokenizer has no padding
+    token (GPT-2's)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def check_causal_lm(name: str) -> None:
@@ -189,12 +205,14 @@ class Generation(Task):
         check_causal_lm(cfg.model.name)
         splits = load_generation(cfg.data, cfg.seed)
         train_rows, test_rows = client_indices(splits, cfg.data, cfg.seed)
-        train = encode(splits.train, tokenizer, cfg.model.max_length)
-        test = encode(splits.test, tokenizer, cfg.model.max_length)
+        for frame in (splits.train, splits.test):  # every prompt checked before any work
+            prompt_ids(frame["source"], tokenizer, cfg.model.max_length)
+        # each client's pairs are encoded when its data is first used (a site: its own inputs only)
+        code = partial(encode, tokenizer=tokenizer, max_length=cfg.model.max_length)
         data = FederatedData(
-            [train.subset(r) for r in train_rows], [test.subset(r) for r in test_rows], splits.label_names
+            LazyClients(splits.train, train_rows, code), LazyClients(splits.test, test_rows, code), splits.label_names
         )
-        return cls(cfg.task, tokenizer, train.pad_id), data
+        return cls(cfg.task, tokenizer, pad_id(tokenizer)), data
 
     def load_model(self, name: str, dropout: float | None = None) -> nn.Module:
         from transformers import AutoModelForCausalLM

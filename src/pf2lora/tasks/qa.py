@@ -14,6 +14,7 @@ Exact match and F1 follow the official evaluation scripts (:mod:`pf2lora.tasks.s
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from pf2lora.config import ConfigError, ExperimentConfig, TaskConfig
 from pf2lora.data.squad import load_squad
-from pf2lora.data.text import FederatedData, client_indices, pad
+from pf2lora.data.text import FederatedData, LazyClients, client_indices, pad
 from pf2lora.tasks.base import Batch, Forward, Task
 from pf2lora.tasks.squad_metrics import exact_match, f1_score
 from pf2lora.utils import write_jsonl
@@ -112,7 +113,10 @@ def windows(questions: pd.DataFrame, tokenizer: Any, max_length: int, stride: in
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
         )
-    except Exception as err:  # e.g. a question longer than max_length - stride
+    except BaseException as err:  # e.g. a question longer than max_length - stride
+        # the Rust tokenizer's panic (pyo3's PanicException) is not an Exception
+        if not isinstance(err, Exception) and type(err).__name__ != "PanicException":
+            raise
         raise ConfigError(
             f"cannot split the contexts into windows of {max_length} tokens with stride {stride}: "
             f"{str(err).splitlines()[0][:160]} (raise model.max_length or lower task.stride)"
@@ -140,6 +144,26 @@ def windows(questions: pd.DataFrame, tokenizer: Any, max_length: int, stride: in
         questions,
         tokenizer.pad_token_id or 0,
     )
+
+
+def check_windows(questions: pd.DataFrame, tokenizer: Any, max_length: int, stride: int) -> None:
+    """Refuse, before any work, a question whose windows cannot be cut: one that leaves no more than
+    ``stride`` of the ``max_length`` tokens for a context too long to fit (the tokenizer panics on
+    it). Only the questions are tokenized here; the few that leave so little room are windowed."""
+    if not len(questions):
+        return
+    texts = [q.lstrip() for q in questions["question"]]
+    lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - lengths
+    for row in np.flatnonzero(room <= stride):
+        try:
+            windows(questions.iloc[[row]], tokenizer, max_length, stride)
+        except ConfigError:
+            raise ConfigError(
+                f"question {questions['id'].iloc[row]!r} takes {lengths[row]} tokens and leaves {room[row]} of "
+                f"model.max_length ({max_length}) for its context, which needs more than task.stride ({stride}) "
+                "to be cut into windows: raise model.max_length or lower task.stride"
+            ) from None
 
 
 def _token_span(offsets: list[tuple[int, int] | None], start: int, end: int) -> tuple[int, int] | None:
@@ -206,9 +230,11 @@ class QuestionAnswering(Task):
             raise ConfigError(f"the data holds {unanswerable} unanswerable (SQuAD v2) questions; set task.version=2")
         train_rows, test_rows = client_indices(splits, cfg.data, cfg.seed)
         stride = cfg.task.stride if cfg.task.stride is not None else cfg.model.max_length // 4
-        train = windows(splits.train, tokenizer, cfg.model.max_length, stride)
-        test = windows(splits.test, tokenizer, cfg.model.max_length, stride)
-        data = FederatedData([train.subset(r) for r in train_rows], [test.subset(r) for r in test_rows])
+        for frame in (splits.train, splits.test):
+            check_windows(frame, tokenizer, cfg.model.max_length, stride)
+        # each client's windows are cut when its data is first used (a site: its own questions only)
+        encode = partial(windows, tokenizer=tokenizer, max_length=cfg.model.max_length, stride=stride)
+        data = FederatedData(LazyClients(splits.train, train_rows, encode), LazyClients(splits.test, test_rows, encode))
         return cls(cfg.task), data
 
     def load_model(self, name: str, dropout: float | None = None) -> nn.Module:
