@@ -69,11 +69,12 @@ def setup(folder: Path) -> Prepared:
             "model.max_length=256",
             f"train.batch_size={BATCH}",
             "train.threads=2",
+            "train.workers=1",  # in this process: 2 torch threads (unset, the engine forks 1-thread workers)
         ],
     )
     prepared = prepare(cfg)
-    prepared.data.train[0] = _fixed_shape(prepared.data.train[0])
-    prepared.data.test[0] = _fixed_shape(prepared.data.test[0])
+    data = prepared.data  # one client (num_clients=1)
+    data.train, data.test = [_fixed_shape(data.train[0])], [_fixed_shape(data.test[0])]
     return prepared
 
 

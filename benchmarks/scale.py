@@ -67,6 +67,7 @@ def measure(clients: int, where: str = "memory", fraction: float = 1.0) -> dict[
             "train.batch_size=2",
             f"train.client_fraction={fraction}",
             "train.threads=2",
+            "train.workers=1",  # in this process, at 2 torch threads
         ],
     )
     prepared = prepare(cfg)

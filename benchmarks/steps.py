@@ -37,6 +37,7 @@ def setup(overrides: list[str]) -> Prepared:
             "data.max_examples=800",
             "data.max_test_examples=80",
             "train.threads=2",
+            "train.workers=1",  # in this process: 2 torch threads (unset, the engine forks 1-thread workers)
             *overrides,
         ],
     )
