@@ -319,6 +319,31 @@ def test_loss_counts_only_target_tokens(lm_dir):
         assert task.loss(logits, batch, "sum").item() == pytest.approx(torch.stack(expected).sum().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_logits_only_from_the_first_target_on_give_the_same_loss_and_gradients(kind):
+    tokenizer = word_tokenizer(_corpus())
+    frame = gen_data._grouped(gen_data.read_e2e_csv_frame(pd.DataFrame(e2e_rows())))
+    data = encode(frame.iloc[:4], tokenizer, 64)
+    batch = data.batch(list(range(len(data)))[:5])
+    model = tiny_lm(kind, len(tokenizer)).train(False)  # GPT-2's dropout off: the two passes alike
+    task = Generation(TaskConfig(name="generation"), tokenizer, data.pad_id)
+    full = task.model_inputs(batch)
+    assert "logits_to_keep" not in full  # until check_model finds that the model takes it
+    task.check_model(model, tokenizer)
+    kept = task.model_inputs(batch)
+    first = min(int(n) for n in data.prompt_lengths[:5])
+    assert kept["logits_to_keep"] == batch["input_ids"].shape[1] - first + 1 < batch["input_ids"].shape[1]
+    losses, grads = [], []
+    for inputs in (full, kept):
+        out = model(**inputs)
+        losses.append(task.loss(out, batch))
+        grads.append(torch.autograd.grad(losses[-1], [p for p in model.parameters() if p.requires_grad]))
+    assert model(**kept).logits.shape[1] == kept["logits_to_keep"]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_prompt_longer_than_max_length_is_refused(lm_dir):
     from transformers import AutoTokenizer
 

@@ -16,6 +16,7 @@ There is no new head: the output layer stays frozen and only the adapters train.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -199,6 +200,7 @@ class Generation(Task):
         batches (the end-of-sequence id where the tokenizer has no padding token, as GPT-2's)."""
         self.cfg, self.tokenizer, self.pad_id = cfg, tokenizer, pad_id
         self.eos_id = tokenizer.eos_token_id
+        self.keeps_logits = False  # the model takes ``logits_to_keep`` (set by check_model)
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, tokenizer: Any) -> tuple[Generation, FederatedData]:
@@ -228,12 +230,30 @@ class Generation(Task):
     def check_model(self, model: nn.Module, tokenizer: Any) -> None:
         if not hasattr(model, "generate"):
             raise ConfigError(f"{type(model).__name__} cannot generate; task.name=generation needs a causal LM")
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        """The model's inputs; for a training batch (one with ``labels``) also ``logits_to_keep``:
+        only the positions from the one before the batch's first target token onwards get logits.
+        The prompt positions' logits predict nothing the loss counts, and a vocabulary-wide logit
+        row per position is the largest tensor of a small causal LM's pass (4 x 64 tokens of
+        SmolLM2: 50 MB, allocated afresh for the logits, their log-softmax and both gradients)."""
+        inputs = super().model_inputs(batch)
+        labels = batch.get("labels")
+        if self.keeps_logits and labels is not None and labels.dim() == 2:
+            counted = (labels != IGNORE).any(0).nonzero()
+            first = int(counted[0]) if len(counted) else 1
+            inputs["logits_to_keep"] = labels.shape[1] - max(first - 1, 0)
+        return inputs
 
     def loss(self, outputs: Any, batch: Batch, reduction: str = "mean") -> Tensor:
         """Each pair's mean cross-entropy over its target tokens (next-token prediction), then
         the mean (or sum) over the pairs."""
         logits = outputs if isinstance(outputs, Tensor) else outputs.logits
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        # the logits of the last positions only where the model kept those (``model_inputs``): the
+        # logit at position t predicts the token at t + 1
+        kept = logits.shape[1] - 1
+        logits, labels = logits[:, :-1].float(), batch["labels"][:, batch["labels"].shape[1] - kept :]
         per_token = nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
         ).view(labels.shape)
