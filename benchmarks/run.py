@@ -73,6 +73,7 @@ def main() -> None:
     print("local engine: 2 worker processes, 1 worker process, 1 process (fresh processes)...", flush=True)
     workers = {n: _subprocess("benchmarks.workers", n, "2", env=plain) for n in ("2", "pool1", "1")}
     workers["ceiling"] = _subprocess("benchmarks.workers", "ceiling", "pf2lora", env=plain)
+    workers_jemalloc = jemalloc_workers(plain)
     print("deployment on loopback against the local engine...", flush=True)
     deployment = _subprocess("benchmarks.deployment", os.environ.get("BENCH_SITES", "shared,fork"), env=plain)
     print("causal LM: step times and generation throughput (fresh process)...", flush=True)
@@ -93,11 +94,28 @@ def main() -> None:
         "memory_per_additional_client": marginal_memory(scale),
         "scale_sampled": scale_sampled,
         "workers": workers,
+        "workers_jemalloc": workers_jemalloc,
         "deployment": deployment,
         "causal_lm": causal_lm,
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results)
+
+
+def jemalloc_workers(env: dict[str, str]) -> dict:
+    """The workers' rows again with jemalloc as every process's malloc (``pf2lora --allocator
+    jemalloc``, which sets the same ``LD_PRELOAD``), where the system has it."""
+    from pf2lora.allocator import resolve
+    from pf2lora.config import ConfigError
+
+    try:
+        lib = resolve("jemalloc")
+    except ConfigError as err:
+        print(f"  skipped: {err}", flush=True)
+        return {"skipped": str(err)}
+    print(f"local engine under jemalloc ({lib}): 2 worker processes, 1 process...", flush=True)
+    env = {**env, "LD_PRELOAD": lib}
+    return {"library": lib, **{n: _subprocess("benchmarks.workers", n, "2", env=env) for n in ("2", "1")}}
 
 
 def marginal_memory(scale: list[dict]) -> list[dict]:
@@ -215,6 +233,30 @@ def print_table(r: dict) -> None:
                 else []
             ),
         ]
+    jemalloc = r.get("workers_jemalloc", {})
+    if "2" in jemalloc:
+        two, one = jemalloc["2"], jemalloc["1"]
+        rows += [
+            (
+                "the same under jemalloc (--allocator jemalloc): clients per second",
+                f"{two['clients_per_second'] / one['clients_per_second']:.2f}x",
+                ">= 1.3x",
+            ),
+            (
+                "the same under jemalloc: peak memory (summed PSS)",
+                f"{two['peak_pss_bytes'] / one['peak_pss_bytes']:.2f}x",
+                "<= 1.3x",
+            ),
+        ]
+        if workers:
+            rows.append(
+                (
+                    "jemalloc / glibc, 1 process: clients per second, peak memory",
+                    f"{one['clients_per_second'] / workers['1']['clients_per_second']:.2f}x, "
+                    f"{one['peak_pss_bytes'] / workers['1']['peak_pss_bytes']:.2f}x",
+                    "reported",
+                )
+            )
     deployment = r.get("deployment")
     if deployment:
         for mode in ("shared", "fork", "subprocess"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 import warnings
@@ -21,6 +22,13 @@ from pf2lora.config import ConfigError, ExperimentConfig, load_config
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pf2lora", description="Personalized federated LoRA fine-tuning.")
+    parser.add_argument(
+        "--allocator",
+        default=os.environ.get("PF2LORA_ALLOCATOR", "system"),
+        metavar="NAME",
+        help="the malloc to run under: system (default), jemalloc, tcmalloc, or a shared library's path; "
+        "jemalloc holds a training's transient memory near what is live (default: $PF2LORA_ALLOCATOR or system)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment (every method in `algorithms`)")
     run.add_argument(
@@ -297,6 +305,13 @@ def flower_federation_error() -> type[Exception]:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    try:
+        from pf2lora.allocator import preload
+
+        preload(args.allocator, own_process=argv is None)  # runs the command again under it
+    except ConfigError as err:
+        print(f"pf2lora: error: {err}", file=sys.stderr)
+        return 2
     if args.command == "methods":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
