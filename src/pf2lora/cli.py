@@ -1,5 +1,6 @@
 """Command line: ``pf2lora run [CONFIG] [key=value ...] [--out DIR] [--force] [--resume DIR]``, ``pf2lora compare``,
-``pf2lora synthetic``, ``pf2lora methods``, ``pf2lora site`` (a Flower site's task runner).
+``pf2lora synthetic``, ``pf2lora methods``, ``pf2lora site`` (a Flower site's task runner);
+``pf2lora --allocator jemalloc COMMAND ...`` runs any of them under another malloc (``allocator.py``).
 
 Bad input (config, data, model) is reported as one line on stderr with exit status 2, before any
 training starts and before anything is written.
