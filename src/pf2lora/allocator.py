@@ -21,7 +21,8 @@ from pathlib import Path
 
 from pf2lora.config import ConfigError
 
-LIBRARIES = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmalloc")}
+LIBRARIES = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmalloc")}  # as find_library names them
+PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}  # Debian's, for the error
 PRELOADED = "PF2LORA_PRELOADED"  # set in the command run again: the library it was given
 
 
@@ -35,7 +36,7 @@ def resolve(name: str) -> str:
                 return found
         raise ConfigError(
             f"--allocator {name}: lib{LIBRARIES[name][0]} is not installed "
-            f"(e.g. apt install {'libjemalloc2' if name == 'jemalloc' else 'libtcmalloc-minimal4'}), "
+            f"(e.g. apt install {PACKAGES[name]}), "
             "or give the library's path"
         )
     path = Path(name)

@@ -67,19 +67,6 @@ class GenerationData:
     def num_inputs(self) -> int:
         return len(self.inputs)
 
-    def subset(self, rows: np.ndarray) -> GenerationData:
-        """Inputs ``rows`` with all their pairs."""
-        new = {int(r): i for i, r in enumerate(rows)}
-        keep = [p for p, r in enumerate(self.pair_input) if int(r) in new]
-        return GenerationData(
-            self.inputs.iloc[np.asarray(rows, dtype=np.int64)],
-            [self.prompts[int(r)] for r in rows],
-            [self.ids[p] for p in keep],
-            self.prompt_lengths[keep],
-            np.array([new[int(self.pair_input[p])] for p in keep], dtype=np.int64),
-            self.pad_id,
-        )
-
     @classmethod
     def pool(cls, parts: list[GenerationData]) -> GenerationData:
         """Every part's inputs and pairs, in order (centralized training)."""

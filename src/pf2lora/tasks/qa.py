@@ -60,22 +60,6 @@ class QAData:
     def num_questions(self) -> int:
         return len(self.questions)
 
-    def subset(self, rows: np.ndarray) -> QAData:
-        """The windows of questions ``rows`` (indices into ``questions``), every window kept."""
-        new = {int(q): i for i, q in enumerate(rows)}
-        keep = [w for w, q in enumerate(self.question) if int(q) in new]
-        return QAData(
-            [self.ids[w] for w in keep],
-            [self.types[w] for w in keep] if self.types is not None else None,
-            self.starts[keep],
-            self.ends[keep],
-            np.array([new[int(self.question[w])] for w in keep], dtype=np.int64),
-            [self.offsets[w] for w in keep],
-            self.cls[keep],
-            self.questions.iloc[np.asarray(rows, dtype=np.int64)],
-            self.pad_id,
-        )
-
     @classmethod
     def pool(cls, parts: list[QAData]) -> QAData:
         """Every part's windows and questions, in order (centralized training)."""
