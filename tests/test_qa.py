@@ -1,5 +1,6 @@
-"""Extractive QA: the official EM/F1 rules, windows over long contexts, n-best decoding, the title
-partition, the PEFT export, bad input, and (integration) a tiny run on both engines."""
+"""Extractive QA: the official EM/F1 rules, the SQuAD file layouts (nested JSON; flat JSON, JSON
+lines, Parquet), windows over long contexts, n-best decoding, the title partition, the PEFT export,
+bad input, and (integration) a tiny run on both engines and a SQuAD v2 run from a flat file."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import TINY_TRAIN
 from peft import PeftModel
 
@@ -17,7 +20,7 @@ from pf2lora.adapters.export import PeftExporter
 from pf2lora.adapters.two_level import TwoLevelModel
 from pf2lora.cli import main
 from pf2lora.config import ConfigError, TaskConfig, load_config
-from pf2lora.data.squad import load_squad, read_squad_json
+from pf2lora.data.squad import load_squad, read_squad_file, read_squad_json
 from pf2lora.data.text import client_indices
 from pf2lora.models import load_tokenizer
 from pf2lora.tasks.qa import QuestionAnswering, check_windows, decode, windows
@@ -49,6 +52,131 @@ def _article(title: str, n_questions: int, words: int = 12, seed: int = 0) -> di
 def _write(path: Path, articles: list[dict]) -> Path:
     path.write_text(json.dumps({"version": "1.1", "data": articles}))
     return path
+
+
+def _v2_articles(n_articles: int = 3, n_questions: int = 6) -> list[dict]:
+    """Nested v2 articles: every third question unanswerable (``is_impossible``, a plausible answer
+    but no answers), the first question of each article with two references."""
+    articles = [_article(f"title{t}", n_questions, seed=t) for t in range(n_articles)]
+    for art in articles:
+        qas = art["paragraphs"][0]["qas"]
+        qas[0]["answers"].append(dict(qas[0]["answers"][0]))
+        for qa in qas[2::3]:
+            qa.update(is_impossible=True, plausible_answers=qa["answers"], answers=[])
+    return articles
+
+
+def _flat(articles: list[dict]) -> list[dict]:
+    """The same questions in the Hugging Face flat layout (``answers: {text: [...], answer_start: [...]}``)."""
+    return [
+        {
+            "id": qa["id"],
+            "title": art["title"],
+            "context": para["context"],
+            "question": qa["question"],
+            "answers": {
+                "text": [a["text"] for a in qa["answers"]],
+                "answer_start": [a["answer_start"] for a in qa["answers"]],
+            },
+        }
+        for art in articles
+        for para in art["paragraphs"]
+        for qa in para["qas"]
+    ]
+
+
+def _write_layout(path: Path, records: list[dict], layout: str) -> Path:
+    if layout == "flat-json":
+        path.write_text(json.dumps({"version": "v2.0", "data": records}))
+    elif layout == "flat-list":
+        path.write_text(json.dumps(records))
+    elif layout in ("flat-jsonl", "flat-jsonl-as-json"):
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    else:
+        pd.DataFrame(records).to_parquet(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- file layouts
+
+
+@pytest.mark.parametrize(
+    ("layout", "name"),
+    [
+        ("flat-json", "train.json"),
+        ("flat-list", "train.json"),
+        ("flat-jsonl", "train.jsonl"),
+        ("flat-jsonl-as-json", "train.json"),  # JSON lines under a .json name (datasets' to_json)
+        ("flat-parquet", "train.parquet"),
+        ("flat-parquet", "train-00000-of-00001"),  # Parquet told by its magic bytes
+    ],
+)
+def test_every_squad_layout_reads_to_the_nested_files_frame(tmp_path: Path, layout: str, name: str) -> None:
+    # Prepare: v2 questions (some unanswerable, some with two references) as the official nested JSON
+    articles = _v2_articles()
+    nested = read_squad_file(str(_write(tmp_path / "nested.json", articles)))
+    assert sum(len(a) == 0 for a in nested["answer_texts"]) == 6 and len(nested) == 18
+    assert nested["answer_texts"][0] == [nested["answer_texts"][0][0]] * 2
+    # Execute: the same questions in a flat layout
+    frame = read_squad_file(str(_write_layout(tmp_path / name, _flat(articles), layout)))
+    # Assert: the same frame, column for column (lists of str / int, empty for unanswerable)
+    pd.testing.assert_frame_equal(frame, nested)
+    assert all(type(s) is int for starts in frame["answer_starts"] for s in starts)
+
+
+def test_files_datasets_writes_read_as_the_official_json(tmp_path: Path) -> None:
+    """What ``datasets`` itself writes (to_json: JSON lines; to_parquet), v1 and v2 questions."""
+    datasets = pytest.importorskip("datasets")
+    for articles in ([_article(f"title{t}", 4, seed=t) for t in range(2)], _v2_articles(2, 4)):
+        nested = read_squad_file(str(_write(tmp_path / "nested.json", articles)))
+        ds = datasets.Dataset.from_list(_flat(articles))
+        ds.to_json(str(tmp_path / "train.json"))
+        ds.to_parquet(str(tmp_path / "train.parquet"))
+        for name in ("train.json", "train.parquet"):
+            pd.testing.assert_frame_equal(read_squad_file(str(tmp_path / name)), nested)
+    assert read_squad_json is read_squad_file  # the old name still reads every layout
+
+
+def _flat_error(tmp_path: Path, records: list, layout: str = "flat-json", name: str = "bad.json") -> str:
+    with pytest.raises(ConfigError) as err:
+        read_squad_file(str(_write_layout(tmp_path / name, records, layout)))
+    message = str(err.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+def test_bad_flat_records_are_one_line_naming_the_record(tmp_path: Path) -> None:
+    good = _flat(_v2_articles(1, 3))
+    no_context = [good[0], {k: v for k, v in good[1].items() if k != "context"}]
+    message = _flat_error(tmp_path, no_context)
+    assert "data[1] (id 'title0-1') has no 'context'" in message
+    message = _flat_error(tmp_path, [good[0], {"title": "T", "context": "c"}], "flat-list")
+    assert "[1] has no 'id', 'question', 'answers'" in message
+    uneven = [good[0], {**good[1], "answers": {"text": ["a", "b"], "answer_start": [0]}}]
+    message = _flat_error(tmp_path, uneven, "flat-jsonl", "bad.jsonl")
+    assert "line 2 (id 'title0-1'): answers has 2 texts but 1 answer_start" in message
+    past = [{**good[0], "answers": {"text": [good[0]["answers"]["text"][0]], "answer_start": [500]}}]
+    assert "(id 'title0-0'): answer" in _flat_error(tmp_path, past, "flat-parquet", "bad.parquet")
+    assert "runs past its context" in _flat_error(tmp_path, past, "flat-parquet", "bad.parquet")
+    no_starts = [{**good[0], "answers": {"text": ["x"]}}]
+    assert "(id 'title0-0').answers has no 'answer_start'" in _flat_error(tmp_path, no_starts)
+    no_title = [{k: v for k, v in r.items() if k != "title"} for r in good]
+    assert "has no column 'title'" in _flat_error(tmp_path, no_title, "flat-parquet", "bad.parquet")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(good[0]) + "\n{not json\n")
+    with pytest.raises(ConfigError, match="broken.jsonl: line 2: "):
+        read_squad_file(str(broken))
+    assert "holds no questions" in _flat_error(tmp_path, [], "flat-json")
+
+
+def test_a_bad_flat_file_exits_2_before_any_work(tmp_path: Path, capsys) -> None:
+    good = _flat([_article("T", 3)])
+    uneven = [good[0], {**good[1], "answers": {"text": ["a"], "answer_start": [0, 1]}}]
+    path = _write_layout(tmp_path / "bad.jsonl", uneven, "flat-jsonl")
+    assert "answers has 1 text but 2 answer_starts" in _bad(tmp_path, capsys, f"data.path={path}")
+    # unanswerable flat questions need task.version=2, as nested ones do
+    path = _write_layout(tmp_path / "v2.parquet", _flat(_v2_articles(1, 3)), "flat-parquet")
+    assert "set task.version=2" in _bad(tmp_path, capsys, f"data.path={path}")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -94,8 +222,6 @@ def tokenizer():
 def test_windows_put_every_answer_in_the_right_window_or_label_no_answer(tokenizer) -> None:
     # Prepare: a 40-word context, a question for every word (answers at every position, so some sit
     # on a window edge), windows of 24 tokens overlapping by 6
-    import pandas as pd
-
     art = _article("T", 40, words=40)
     para = art["paragraphs"][0]
     frame = pd.DataFrame(
@@ -403,6 +529,37 @@ def test_the_paper_squad_configs_hold_its_settings(name: str) -> None:
     assert (cfg.model.name, cfg.data.num_clients, cfg.data.heterogeneity) == ("microsoft/deberta-v3-base", 4, 0.5)
     assert (cfg.lora.rank, cfg.lora.personal_rank, cfg.hetlora.r_min, cfg.hetlora.r_max) == (8, 4, 6, 14)
     assert cfg.for_method("pf2lora").train.lower_lr == 1.0e-2
+
+
+@pytest.mark.integration
+def test_squad_v2_config_runs_on_a_flat_file_and_scores_unanswerable_questions(tmp_path: Path) -> None:
+    # Prepare: 8 articles of 10 questions, every third unanswerable, in the Hub's flat layout
+    path = _write_layout(tmp_path / "train-v2.json", _flat(_v2_articles(8, 10)), "flat-json")
+    out = tmp_path / "run"
+    overrides = ["model.name=bundled", f"data.path={path}", "algorithms=[homlora]", "train.rounds=1"]
+    overrides += ["train.local_steps=1", "train.batch_size=4", "train.threads=1", "model.max_length=48"]
+    # the empty answer for every question (no-answer wins whatever the spans score): each client's EM
+    # and F1 are then the share of its test questions that are unanswerable
+    overrides += ["task.stride=16", "task.null_threshold=-1000000"]
+    # Execute: the paper's v2 config (4 clients, h = 0.5), tiny
+    assert main(["run", str(REPO / "configs" / "squad_v2.yaml"), *overrides, "--out", str(out), "--quiet"]) == 0
+    # Assert: every client evaluated on its test questions, unanswerable ones among them, scored by
+    # the v2 rules (an unanswerable question scores 1 for the empty answer, an answerable one 0)
+    result = json.loads((out / "results.json").read_text())["homlora"]
+    assert set(result["clients"]) == {"0", "1", "2", "3"}
+    unanswerable = 0
+    for cid, metrics in result["clients"].items():
+        lines = (out / "predictions" / "homlora" / f"client{cid}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert len(records) == metrics["num_examples"] and all(r["prediction"] == "" for r in records)
+        share = np.mean([not r["answers"] for r in records])
+        assert metrics["exact_match"] == pytest.approx(share) and metrics["f1"] == pytest.approx(share)
+        unanswerable += sum(not r["answers"] for r in records)
+    assert unanswerable >= 4  # 16 test questions, about a third of them unanswerable
+    # the exported adapter's card names the bundled model's Hub repository, not its folder here
+    card = (out / "adapters" / "homlora" / "client0" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 XQUAD = REPO.parent / "shared" / "data" / "squad" / "xquad.en.json"

