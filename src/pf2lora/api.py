@@ -12,27 +12,36 @@ is handed, and the engines sit between the two.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pf2lora.config import ConfigError, ExperimentConfig, check_out_dir, load_config
 from pf2lora.engines.local import local_engine
 from pf2lora.families import PreparedRun
-from pf2lora.runner import Progress, check_resume, prepare
+from pf2lora.runner import Progress, RunCallback, check_resume, prepare
 from pf2lora.runner import run as run_prepared
 
 
 def run_on_engine(
-    prepared: PreparedRun, out: Path, progress: Progress | None = None, resume: bool = False
+    prepared: PreparedRun,
+    out: Path,
+    progress: Progress | None = None,
+    resume: bool = False,
+    callbacks: Sequence[RunCallback] = (),
 ) -> dict[str, Any]:
     """Run a prepared experiment (from :func:`prepare`) on its engine: Flower's simulation runtime
     for ``engine=flower``, else in process. ``resume``: continue the run killed in ``out`` (checked
-    first with :func:`check_resume`). Returns ``results.json``."""
+    first with :func:`check_resume`). ``callbacks``: followers of the local engine's rounds
+    (:class:`~pf2lora.runner.RunCallback`; the trackers of ``report_to`` follow either engine).
+    Returns ``results.json``."""
     if prepared.cfg.engine == "flower":
+        if callbacks:
+            raise ConfigError("callbacks follow runs on the local engine (engine=local)")
         from pf2lora.engines.flower.simulation import run_simulation  # Flower only where asked for
 
         return run_simulation(prepared, out, progress, resume)
-    return run_prepared(prepared, out, local_engine, progress, resume)
+    return run_prepared(prepared, out, local_engine, progress, resume, callbacks)
 
 
 def run(

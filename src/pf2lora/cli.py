@@ -1,4 +1,5 @@
 """Command line: ``pf2lora run [CONFIG] [key=value ...] [--out DIR] [--force] [--resume DIR]``, ``pf2lora compare``,
+``pf2lora tune``,
 ``pf2lora synthetic``, ``pf2lora methods``, ``pf2lora site`` (a Flower site's task runner);
 ``pf2lora --allocator jemalloc COMMAND ...`` runs any of them under another malloc (``allocator.py``).
 
@@ -107,7 +108,49 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="runs at once, each in its own process (default 1); give train.threads=N_CORES/JOBS for a stable split",
     )
+    cmp.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="the table from the clients' test splits (default) or their validation splits (data.validation_fraction)",
+    )
+    cmp.add_argument(
+        "--per-method",
+        type=Path,
+        metavar="FILE",
+        help="a YAML file with a per_method block (pf2lora tune's best.yaml): each method run at its values",
+    )
     cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune = sub.add_parser(
+        "tune",
+        help="choose hyperparameters per method on validation data (Optuna), never on the test split",
+        description="For each method, an Optuna study searches the --search keys by maximising the mean validation "
+        "metric over clients: each trial is a run of that method with data.validation_fraction of every client's "
+        "training data held out (0.2 unless set) and evaluated on it alone (the test split is never encoded), "
+        "pruned on its per-round validation curve. Writes best.yaml (a per_method block for a config or "
+        "pf2lora compare --per-method), trials.json, Optuna's plots, and the study in study.db (SQLite).",
+    )
+    tune.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    tune.add_argument("--methods", metavar="A,B", help="the methods to tune (default: the config's algorithms)")
+    tune.add_argument(
+        "--search",
+        action="append",
+        default=[],
+        metavar="[METHOD/]KEY=SPEC",
+        help="a key to search: log:LOW:HIGH, LOW:HIGH, int:LOW:HIGH or V1,V2,... (all lists: a grid); METHOD/ "
+        "limits it to one method; repeat for several (default: train.lr=log:1e-4:1e-2)",
+    )
+    tune.add_argument("--trials", type=int, metavar="N", help="trials per method (default: the grid's size, else 10)")
+    tune.add_argument("--metric", help="the validation metric maximised (default: the task's primary metric)")
+    tune.add_argument("--sampler", default="auto", help="auto (grid for lists, else TPE) | tpe | random | grid")
+    tune.add_argument("--pruner", default="median", help="median (Optuna's MedianPruner) | none")
+    tune.add_argument("--jobs", type=int, default=1, metavar="N", help="processes drawing trials side by side")
+    tune.add_argument("--out", type=Path, help="output directory (default: runs/tune-<name>-<time>)")
+    tune.add_argument("--force", action="store_true", help="allow writing into a non-empty --out (a new study)")
+    tune.add_argument(
+        "--resume", action="store_true", help="continue the study in --out: finished trials kept, the rest run"
+    )
+    tune.add_argument("--quiet", action="store_true", help="no line per trial")
     sub.add_parser("methods", help="list every method pf2lora can run, with its family and a one-line description")
     syn = sub.add_parser("synthetic", help="the paper's synthetic rank-recovery experiment (Figure 2)")
     syn.add_argument("--out", type=Path, default=Path("runs/synthetic"), help="output directory")
@@ -243,8 +286,18 @@ def compare(args: argparse.Namespace, items: list[str]) -> int:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         if args.round is not None and args.round < 0:
             raise ConfigError(f"--round must be >= 0, got {args.round}")
+        if args.per_method is not None:
+            overrides = [*overrides, *per_method_overrides(args.per_method)]
         grid = cmp.plan(
-            config, overrides, args.sweep, args.variant, args.ablation, args.metric, args.baseline, args.round
+            config,
+            overrides,
+            args.sweep,
+            args.variant,
+            args.ablation,
+            args.metric,
+            args.baseline,
+            args.round,
+            split=args.split,
         )
         name = grid.runs[0][3].name
         out = args.out or Path("runs") / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -278,6 +331,79 @@ def compare(args: argparse.Namespace, items: list[str]) -> int:
         return 2
     print(cmp.markdown(table))
     print(f"{table['seconds']:.0f}s; wrote {out}/table.md, table.csv, table.json, compare.png")
+    return 0
+
+
+def per_method_overrides(path: Path) -> list[str]:
+    """A YAML file's ``per_method`` block as dotted overrides (``per_method.M.train.lr=V``), so that
+    it sets those values over what the config says and keeps the rest."""
+    import json
+
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"--per-method {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--per-method {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    block = data.get("per_method") if isinstance(data, dict) else None
+    if not isinstance(block, dict) or not block:
+        raise ConfigError(f"--per-method {path} holds no per_method block")
+    out = []
+
+    def walk(tree: Any, prefix: str) -> None:
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                walk(value, f"{prefix}.{key}")
+        else:
+            out.append(f"{prefix}={json.dumps(tree)}")
+
+    walk(block, "per_method")
+    return out
+
+
+def tune(args: argparse.Namespace, items: list[str]) -> int:
+    from pf2lora import tune as tuning
+
+    config = items[0] if items and "=" not in items[0] else None
+    overrides = items[1:] if config is not None else items
+    try:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+        if methods is not None and not methods:
+            raise ConfigError("--methods: give at least one method")
+        study = tuning.plan(
+            config, overrides, methods, args.search or None, args.trials, args.metric, args.sampler, args.pruner
+        )
+        out = args.out or Path("runs") / f"tune-{study.base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tuning.check_folder(out, args.resume, args.force)
+        from pf2lora.api import prepare
+
+        for method in study.methods:  # the data, the model and the held-out split checked before any trial
+            prepare(study.trial_config(method, {})).release()
+    except ConfigError as err:
+        print(f"pf2lora: error: {err}", file=sys.stderr)
+        return 2
+    say = print if not args.quiet else (lambda line: None)
+    for method, spaces in study.spaces.items():
+        say(f"{method}: {study.trials} trials ({study.sampler}) over {'; '.join(s.describe() for s in spaces)}")
+    for note in study.notes:
+        say(f"note: {note}")
+    try:
+        summary = tuning.execute(study, out, args.resume, args.jobs, on_trial=say)
+    except ConfigError as err:
+        print(f"pf2lora: error: {err}", file=sys.stderr)
+        return 2
+    for method, found in summary["methods"].items():
+        best = found["best"]
+        if best is None:
+            print(f"{method}: no trial finished")
+            continue
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+        print(f"{method}: best {summary['objective']} {best['value']:.4f} at {shown} (trial {best['number']})")
+    print(f"{summary['seconds']:.0f}s; wrote {out}/best.yaml, trials.json, the plots and {out}/study.db")
     return 0
 
 
@@ -328,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return synthetic(args)
+    if args.command == "tune":
+        unknown = [e for e in extra if e.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        return tune(args, [*args.items, *extra])
     if args.command == "compare":
         unknown = [e for e in extra if e.startswith("-")]
         if unknown:

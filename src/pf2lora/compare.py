@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from pf2lora.config import ConfigError, ExperimentConfig, check_out_dir, from_dict, load_config
+from pf2lora.data.text import VALIDATION_PREFIX
 from pf2lora.methods import check, get
 from pf2lora.runner import check_resume
 from pf2lora.tasks import task_class
@@ -95,10 +96,12 @@ def plan(
     metric: str | None = None,
     baseline: str | None = None,
     at_round: int | None = None,
+    split: str = "test",
 ) -> Plan:
     """Resolve the grid and validate every run's config before anything runs (ConfigError on bad input).
 
-    ``metric``: what the table shows (default: the task's primary metric). ``at_round``: the table
+    ``metric``: what the table shows (default: the task's primary metric); ``split``: from the
+    clients' test splits or their validation splits (``data.validation_fraction``). ``at_round``: the table
     from each run's evaluation after that round (one its ``train.eval_every`` evaluates), not its
     final one: a learning curve, paired by seed, from the same runs.
     ``items``: ``key=value`` overrides, where ``algorithms=``, ``heterogeneity=``, ``seeds=`` and
@@ -129,6 +132,14 @@ def plan(
     metric = metric or task.primary
     if metric not in task.metrics:
         raise ConfigError(f"unknown metric {metric!r} for task {task.name} (choose from {', '.join(task.metrics)})")
+    if split not in ("test", "validation"):
+        raise ConfigError(f"--split must be test or validation, got {split!r}")
+    if split == "validation":  # each run's validation metric, from the split it holds out of training
+        if cfg.data.validation_fraction <= 0:
+            raise ConfigError("--split validation needs data.validation_fraction > 0 (each client's held-out split)")
+        metric = VALIDATION_PREFIX + metric
+    elif not cfg.data.evaluate_test:
+        raise ConfigError("data.evaluate_test=false leaves no test metrics for the table: use --split validation")
     algorithms = [str(a) for a in axes.get("algorithms", cfg.algorithms)]
     levels = axes.get("heterogeneity", [cfg.data.heterogeneity])
     seeds = axes.get("seeds", [cfg.seed])
@@ -537,7 +548,8 @@ def markdown(table: dict[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in table["seeds"])
     lines.append("")
     lines.append(
-        f"{table['metric']} (x100){_after(table)}, mean over clients (each on its own test split), "
+        f"{table['metric']} (x100){_after(table)}, mean over clients (each on its own "
+        f"{'validation' if table['metric'].startswith(VALIDATION_PREFIX) else 'test'} split), "
         f"mean ± std over seeds {seeds}; "
         "best per column in bold. Communicated: parameters sent plus received per client per round."
     )

@@ -26,6 +26,7 @@ PER_METHOD_SECTIONS = ("lora", "train", "hetlora", "perfedavg", "pfedlora", "fle
 ENGINES = ("local", "flower")
 PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid", "classes")
 TASKS = ("classification", "qa", "generation")  # one module each under pf2lora/tasks/
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # pf2lora/trackers.py; each an optional extra
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,17 @@ class DataConfig:
     target_column: str | None = _help("generation, dataset=file: the target text column (default: target)", None)
     key_column: str | None = _help("column for partition=key (default: the dataset's own)", None)
     test_fraction: float = _help("held-out fraction when the data has no test split", 0.2)
+    validation_fraction: float = _help(
+        "fraction of each client's training data held out as its validation split (seeded, after the partition, "
+        "so it follows the client's own distribution; 0: none). Runs then report validation metrics (val_<metric>) "
+        "beside the test metrics; pf2lora tune chooses hyperparameters on them",
+        0.0,
+    )
+    evaluate_test: bool = _help(
+        "evaluate on the test split (false: on the validation split only, as pf2lora tune's trials do; the test "
+        "split is then never encoded nor evaluated)",
+        True,
+    )
     max_examples: int | None = _help("seeded subsample of the training split (None: all)", None)
     max_test_examples: int | None = _help("seeded subsample of the test split (None: all)", None)
     num_clients: int = _help("number of federated clients M", 8)
@@ -281,6 +293,11 @@ class ExperimentConfig:
     feddpa: FedDPAConfig = field(default_factory=FedDPAConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    report_to: list[str] = _help(
+        "experiment trackers that follow every round: tensorboard, mlflow, wandb (each an optional extra: "
+        "pip install 'pf2lora[NAME]'); none by default",
+        factory=list,
+    )
     per_method: dict[str, Any] = _help(
         "settings for one method only, e.g. {pf2lora: {train: {lr: 1e-3}}} (sections lora, train and the methods' "
         "own: hetlora, perfedavg, pfedlora, flexlora, feddpa): the paper tunes learning rates per method (its Table 6)",
@@ -299,6 +316,8 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Check every value that can be checked before loading data or a model."""
         _check(bool(self.algorithms), "algorithms: give at least one method")
+        for tracker in self.report_to:
+            _check(tracker in TRACKERS, f"unknown report_to {tracker!r} (choose from {', '.join(TRACKERS)})")
         _check(self.engine in ENGINES, f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
         fl = self.flower
         _check(fl.min_replies is None or fl.min_replies >= 1, f"flower.min_replies must be >= 1, got {fl.min_replies}")
@@ -337,6 +356,14 @@ class ExperimentConfig:
         _check(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
         _check(d.classes_per_client >= 1, f"data.classes_per_client must be >= 1, got {d.classes_per_client}")
         _check(0.0 < d.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+        _check(
+            0.0 <= d.validation_fraction < 1.0,
+            f"data.validation_fraction must be in [0, 1), got {d.validation_fraction}",
+        )
+        _check(
+            d.evaluate_test or d.validation_fraction > 0,
+            "data.evaluate_test=false evaluates on the validation split only: set data.validation_fraction > 0",
+        )
         for key in ("max_examples", "max_test_examples"):
             value = getattr(d, key)
             _check(value is None or value >= 1, f"data.{key} must be >= 1, got {value}")

@@ -47,6 +47,13 @@ class Progress:
 LABELS = {"mcc": "MCC", "macro_f1": "macro-F1", "exact_match": "EM", "f1": "F1"}
 
 
+def label(metric: str) -> str:
+    """A metric's column title: ``val_mcc`` is ``val MCC``."""
+    if metric.startswith("val_"):
+        return "val " + LABELS.get(metric[4:], metric[4:])
+    return LABELS.get(metric, metric)
+
+
 def metric_names(results: dict[str, Any]) -> list[str]:
     """The run's metric names, primary first (runs written before tasks named them: classification's)."""
     first = next((r for r in results.values() if isinstance(r, dict) and "clients" in r), {})
@@ -60,13 +67,16 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log file: never squeeze the numbers
     primary, *others = metric_names(results)
+    means = next(iter(results.values()))["mean"]
+    others += [f"val_{m}" for m in (primary, *others) if f"val_{m}" in means]  # held-out validation metrics
     clients = sorted({int(c) for r in results.values() for c in r["clients"]})
     shown = clients if len(clients) <= 12 else []
-    table = Table(title=f"Test {LABELS.get(primary, primary)} per client (each on its own test split)")
+    split = "validation" if primary.startswith("val_") else "test"
+    table = Table(title=f"{split.capitalize()} {label(primary)} per client (each on its own {split} split)")
     table.add_column("method", no_wrap=True)
     for c in shown:
         table.add_column(str(c), justify="right", no_wrap=True)
-    for title in ("mean ± std", *(LABELS.get(m, m) for m in others), "rank", "time"):
+    for title in ("mean ± std", *(label(m) for m in others), "rank", "time"):
         table.add_column(title, justify="right", no_wrap=True, style="bold" if title == "mean ± std" else None)
     for method, r in results.items():
         row = [method] + [f"{r['clients'][str(c)][primary]:.3f}" for c in shown]

@@ -26,6 +26,7 @@ from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ServerAlgorithm
 from pf2lora.algorithms.dp import DPFedAvgServer, privacy_spent
 from pf2lora.config import ConfigError, ExperimentConfig, from_dict
+from pf2lora.data.text import VALIDATION_PREFIX
 from pf2lora.families import Built, PreparedRun, heterogeneous, lora
 from pf2lora.methods import family_of, get
 from pf2lora.metrics import summarize
@@ -116,17 +117,52 @@ EngineFactory = Callable[
 ]
 
 
+class RunCallback(Protocol):
+    """Something that follows a run as it goes (an experiment tracker, ``pf2lora tune``'s pruner):
+    each method's round records as they are written, each method's result, the run's end."""
+
+    def on_round(self, method: str, record: dict[str, Any]) -> None: ...
+
+    def on_method(self, method: str, result: dict[str, Any]) -> None: ...
+
+    def on_end(self, out: Path, results: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def run(
     prepared: PreparedRun,
     out: Path,
     engine_factory: EngineFactory,
     progress: Progress | None = None,
     resume: bool = False,
+    callbacks: Sequence[RunCallback] = (),
 ) -> dict[str, Any]:
     """Run every method of ``prepared.cfg``, each on the engine ``engine_factory`` makes, and write
     the run directory, leaving a checkpoint after every round (:mod:`pf2lora.rounds`). ``resume``:
     ``out`` holds this run, killed part way (:func:`check_resume`); the methods it finished are
-    kept and the one it was running goes on from its last complete round. Returns ``results.json``."""
+    kept and the one it was running goes on from its last complete round. ``callbacks`` follow the
+    run, after the trackers ``report_to`` names (:mod:`pf2lora.trackers`); one that raises stops
+    it (a pruned trial). Returns ``results.json``."""
+    from pf2lora.trackers import start_trackers
+
+    followers = [*start_trackers(prepared.cfg, out, resume), *callbacks]
+    try:
+        results = _run(prepared, out, engine_factory, progress, resume, followers)
+    finally:
+        for follower in followers:
+            follower.close()
+    return results
+
+
+def _run(
+    prepared: PreparedRun,
+    out: Path,
+    engine_factory: EngineFactory,
+    progress: Progress | None,
+    resume: bool,
+    followers: list[RunCallback],
+) -> dict[str, Any]:
     cfg, data = prepared.cfg, prepared.data
     results: dict[str, Any] = {}
     finished = _finished_methods(out, cfg.algorithms) if resume else {}
@@ -142,15 +178,19 @@ def run(
             train = [data.pooled_train()] if method.pooled else data.train
             earlier = log.records(name)  # rounds of a resumed method run before the crash
             bar = _advanced(progress, sum(len(r.get("clients", {})) for r in earlier))
-            engine = engine_factory(out, name, mcfg, built.server, built.client, train, data.test, bar)
+            # each client's test split and/or validation split (data.evaluate_test, data.validation_fraction)
+            evaluation = data.evaluation(cfg.data.evaluate_test)
+            engine = engine_factory(out, name, mcfg, built.server, built.client, train, evaluation, bar)
             traffic = Traffic()
             for record in earlier:
                 traffic.add(record)
             checkpoint = Checkpoint(out, name, log.position)
-            record = log.recorder(name, traffic.add)
+            record = log.recorder(name, _following(name, traffic.add, followers))
             per_client, ranks = engine.run(mcfg.train.rounds, mcfg.train.eval_every, record, checkpoint)
             mean, std = summarize(per_client)
             fields = prepared.result(name, built, engine, traffic)
+            if not cfg.data.evaluate_test:  # every metric is a validation one (pf2lora tune's trials)
+                fields["metric_names"] = [VALIDATION_PREFIX + m for m in fields["metric_names"]]
             results[name] = {
                 "task": fields.pop("task"),
                 "metric_names": fields.pop("metric_names"),
@@ -168,6 +208,8 @@ def run(
             engine.save_clients(out, name, built.exporter, mcfg.train.rounds, per_client)
             del engine, built
             _write_json(checkpoint.folder / "done.json", {"result": results[name], "metrics_bytes": log.position()})
+            for follower in followers:
+                follower.on_method(name, results[name])
             checkpoint.clear()
             shutil.rmtree(checkpoint.folder / "clients", ignore_errors=True)
     results.update(prepared.summary(results))
@@ -176,7 +218,22 @@ def run(
 
     plot_run(out, {k: v for k, v in results.items() if k != "accounting"}, out / "metrics.jsonl")
     shutil.rmtree(out / "resume", ignore_errors=True)  # the run is complete: nothing to resume
+    for follower in followers:
+        follower.on_end(out, results)
     return results
+
+
+def _following(
+    name: str, also: Callable[[dict[str, Any]], None], followers: list[RunCallback]
+) -> Callable[[dict[str, Any]], None]:
+    """The round callback: ``also(record)``, then each follower's ``on_round``."""
+
+    def each(record: dict[str, Any]) -> None:
+        also(record)
+        for follower in followers:
+            follower.on_round(name, record)
+
+    return each
 
 
 def build(prepared: PreparedRun, name: str, cfg: ExperimentConfig) -> Built:

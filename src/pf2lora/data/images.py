@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from pf2lora.config import ConfigError, DataConfig
-from pf2lora.data.text import FederatedData, client_indices
+from pf2lora.data.text import FederatedData, client_splits
 
 IMAGE_DATASETS = ("mnist", "digits", "cifar10", "cifar100")
 
@@ -102,10 +102,11 @@ def build_image_data(cfg: DataConfig, seed: int) -> FederatedData:
     train_t = torch.as_tensor((x - mean) / std, dtype=torch.float32)
     test_t = torch.as_tensor((tx - mean) / std, dtype=torch.float32)
     splits = _Splits(pd.DataFrame({"label": y}), pd.DataFrame({"label": ty}), names)
-    train_idx, test_idx = client_indices(splits, cfg, seed)  # type: ignore[arg-type]
+    train_idx, val_idx, test_idx = client_splits(splits, cfg, seed)  # type: ignore[arg-type]
     ytr, yte = torch.as_tensor(y), torch.as_tensor(ty)
     return FederatedData(
         [ImageData(train_t[i], ytr[i]) for i in train_idx],  # type: ignore[misc]
         [ImageData(test_t[i], yte[i]) for i in test_idx],  # type: ignore[misc]
         names,
+        None if val_idx is None else [ImageData(train_t[i], ytr[i]) for i in val_idx],  # type: ignore[misc]
     )

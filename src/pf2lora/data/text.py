@@ -78,15 +78,27 @@ def tokenize(frame, tokenizer, max_length: int) -> TokenizedData:
 @dataclass
 class FederatedData:
     """Each client's own train and test split (any task's client data: each kind has ``batch``,
-    ``__len__`` and a ``pool`` classmethod), and the label names where the task has labels."""
+    ``__len__`` and a ``pool`` classmethod), the label names where the task has labels, and each
+    client's validation split where ``data.validation_fraction`` holds one out of its training data."""
 
     train: Sequence[Any]
     test: Sequence[Any]
     label_names: list[str] = field(default_factory=list)
+    validation: Sequence[Any] | None = None
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    def evaluation(self, test: bool = True) -> EvalSets:
+        """What each client is evaluated on: its test split (unless ``test`` is false) and its
+        validation split where there is one."""
+        splits = {"test": self.test} if test else {}
+        if self.validation is not None:
+            splits["validation"] = self.validation
+        if not splits:
+            raise ValueError("nothing to evaluate: no test split asked for and no validation split held out")
+        return EvalSets(splits)
 
     def pooled_train(self) -> Any:
         """Every client's training examples in one set, in client order (centralized training)."""
@@ -131,6 +143,88 @@ def client_indices(splits: TextSplits, cfg: DataConfig, seed: int) -> tuple[list
     return train, test
 
 
+VALIDATION_PREFIX = "val_"  # validation metrics are reported as val_<metric> beside the test metrics
+
+
+class EvalSets(Sequence):
+    """Each client's evaluation data: ``sets[cid]`` maps a split's name (``test``, ``validation``)
+    to the client's data of that split, each encoded when first asked for. An engine hands a
+    client's mapping to :meth:`pf2lora.engines.local.Site.evaluate`, which reports the validation
+    split's metrics under ``val_<metric>``."""
+
+    def __init__(self, splits: dict[str, Sequence[Any]]) -> None:
+        lengths = {len(split) for split in splits.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"evaluation splits of different client counts: {sorted(lengths)}")
+        self.splits = splits
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.splits)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.splits.values())))
+
+    def __getitem__(self, cid: int) -> dict[str, Any]:  # type: ignore[override]
+        return {name: split[cid] for name, split in self.splits.items()}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[cid] for cid in range(len(self)))
+
+
+def hold_out(
+    train: list[np.ndarray], fraction: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each client's training rows split into training and validation rows: a seeded ``fraction``
+    of the client's own rows (so its validation data follows its own distribution), drawn apart
+    from every other random choice of the run. ``groups``: a value per row of the whole split
+    (a QA context, a generation input); rows of one group stay on one side, so that no validation
+    example is a training example seen with another question or reference."""
+    if fraction <= 0:
+        return train, [np.array([], dtype=np.int64) for _ in train]
+    from pf2lora.utils import stable_seed
+
+    rng = np.random.default_rng(stable_seed(seed, "validation"))
+    kept, held = [], []
+    for rows in train:
+        if groups is None:
+            order = rng.permutation(rows)
+            n = int(round(fraction * len(rows)))
+            kept.append(np.sort(order[n:]))
+            held.append(np.sort(order[:n]))
+            continue
+        keys = groups[rows]
+        unique = rng.permutation(np.unique(keys))
+        n = int(round(fraction * len(unique)))
+        chosen = np.isin(keys, unique[:n])
+        kept.append(np.sort(rows[~chosen]))
+        held.append(np.sort(rows[chosen]))
+    return kept, held
+
+
+def client_splits(
+    splits: TextSplits, cfg: DataConfig, seed: int, groups: str | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[np.ndarray]]:
+    """Each client's training, validation (None without ``cfg.validation_fraction``) and test rows:
+    :func:`client_indices`, then :func:`hold_out` of each client's training rows (``groups``: a
+    column whose rows must stay together). A client left without training or validation rows is a
+    ConfigError."""
+    train, test = client_indices(splits, cfg, seed)
+    if cfg.validation_fraction <= 0:
+        return train, None, test
+    values = splits.train[groups].astype(str).to_numpy() if groups is not None else None
+    train, validation = hold_out(train, cfg.validation_fraction, seed, values)
+    for client, (kept, held) in enumerate(zip(train, validation, strict=True)):
+        if len(kept) == 0 or len(held) == 0:
+            which = "training" if len(kept) == 0 else "validation"
+            raise ConfigError(
+                f"data.validation_fraction={cfg.validation_fraction:g} leaves client {client} without {which} "
+                f"examples ({len(kept) + len(held)} in all); use a {'smaller' if len(kept) == 0 else 'larger'} "
+                "fraction or fewer clients"
+            )
+    return train, validation, test
+
+
 class LazyClients(Sequence):
     """Each client's examples of one split, encoded by ``encode`` (a frame of the client's rows in,
     the task's client data out) the first time the client's data is asked for, and kept. A deployed
@@ -163,8 +257,11 @@ class LazyClients(Sequence):
 def build_federated_data(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> FederatedData:
     """Each client's splits, tokenized as they are first used (:class:`LazyClients`)."""
     splits = load_splits(cfg, seed)
-    train_idx, test_idx = client_indices(splits, cfg, seed)
+    train_idx, val_idx, test_idx = client_splits(splits, cfg, seed)
     encode = partial(tokenize, tokenizer=tokenizer, max_length=max_length)
     return FederatedData(
-        LazyClients(splits.train, train_idx, encode), LazyClients(splits.test, test_idx, encode), splits.label_names
+        LazyClients(splits.train, train_idx, encode),
+        LazyClients(splits.test, test_idx, encode),
+        splits.label_names,
+        None if val_idx is None else LazyClients(splits.train, val_idx, encode),
     )

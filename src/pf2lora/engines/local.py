@@ -28,6 +28,7 @@ from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.algorithms.validation import problem
 from pf2lora.compression import transmit
 from pf2lora.config import ExperimentConfig
+from pf2lora.data.text import VALIDATION_PREFIX
 from pf2lora.engines.states import DiskStates, Packed, PackedStates, pack, unpack
 from pf2lora.engines.workers import Task, WorkerDied, WorkerPool, failure_reasons
 from pf2lora.families import model_device
@@ -93,15 +94,26 @@ class Site:
         self,
         cid: int,
         instruction: Instruction,
-        test: ClientData,
+        test: ClientData | dict[str, ClientData],
         own_train: ClientData | None,
         record: Path | None = None,
     ) -> tuple[dict[str, float], dict[str, int]]:
-        """Metrics on the client's test split and its effective rank per adapted module; ``record``:
-        where the client writes the task's per-example outputs (generated text), if any."""
+        """Metrics on the client's evaluation data and its effective rank per adapted module.
+        ``test``: its test split, or a mapping of split names to its data (an item of
+        :class:`~pf2lora.data.text.EvalSets`), whose validation split's metrics are reported as
+        ``val_<metric>``. ``record``: where the client writes the task's per-example outputs on its
+        test split (generated text), if any."""
         state = self.state(cid)
         view = self.view(cid, instruction, own_train, state)
-        return self.client.evaluate(cid, view, state, test, record), self.client.effective_ranks(view, state)
+        sets = test if isinstance(test, dict) else {"test": test}
+        metrics: dict[str, float] = {}
+        for split, data in sets.items():
+            if split == "test":
+                metrics.update(self.client.evaluate(cid, view, state, data, record))
+            else:
+                found = self.client.evaluate(cid, view, state, data, None)
+                metrics.update({f"{VALIDATION_PREFIX}{k}": v for k, v in found.items()})
+        return metrics, self.client.effective_ranks(view, state)
 
 
 class RoundFailed(RuntimeError):

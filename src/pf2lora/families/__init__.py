@@ -21,6 +21,7 @@ from pf2lora.config import ConfigError, ExperimentConfig
 from pf2lora.data.text import FederatedData
 from pf2lora.methods import check
 from pf2lora.parallelism import available_cores, forks, in_process
+from pf2lora.trackers import check_installed
 
 
 @dataclass
@@ -72,6 +73,7 @@ def check_runtime(cfg: ExperimentConfig) -> None:
     those that compute (a Flower site: :func:`pf2lora.parallelism.will_fork`), since it must not run
     multi-threaded OpenMP before it forks them; else ``train.threads``."""
     check(cfg)
+    check_installed(cfg.report_to)  # a tracker named but not installed: one line naming its extra
     if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device={cfg.model.device} but torch sees no CUDA device")
     t, cores, on_gpu = cfg.train, available_cores(), model_device(cfg).type == "cuda"

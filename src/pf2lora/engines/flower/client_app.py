@@ -103,8 +103,11 @@ class Experiment:
         built = self.prepared.build(name, self.cfg.for_method(name))
         return built.client, built.exporter
 
-    def data(self, cid: int) -> tuple[ClientData, ClientData]:
-        return self.prepared.data.train[cid], self.prepared.data.test[cid]
+    def data(self, cid: int) -> tuple[ClientData, dict[str, ClientData]]:
+        """Client ``cid``'s training split and what it is evaluated on (its test split, and its
+        validation split where the run holds one out: :meth:`FederatedData.evaluation`)."""
+        data = self.prepared.data
+        return data.train[cid], data.evaluation(self.cfg.data.evaluate_test)[cid]
 
 
 _EXPERIMENTS: dict[str, Experiment] = {}

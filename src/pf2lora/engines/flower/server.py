@@ -213,7 +213,8 @@ class FlowerEngine:
         for cid in sorted(replies):
             values = dict(replies[cid].content["metrics"])  # type: ignore[arg-type]
             self._personal[cid] = int(values.pop("personal_parameters"))
-            values["num_examples"] = int(values["num_examples"])
+            for key in [k for k in values if k.endswith("num_examples")]:  # test and validation counts
+                values[key] = int(values[key])
             metrics[cid] = values
             ranks[cid] = {k[len("rank.") :]: int(v) for k, v in replies[cid].content["ranks"].items()}  # type: ignore[union-attr]
         extra: dict[str, Any] = {"eval_bytes": {"sent": sum(down.values()), "received": sum(up.values())}}
