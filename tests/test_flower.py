@@ -308,14 +308,20 @@ def _tiny(model: Path) -> list[str]:
 
 def _close(a: dict, b: dict, tol: float = 1e-5) -> None:
     for client in a:
-        for key in ("accuracy", "mcc", "macro_f1", "loss"):
+        for key in ("accuracy", "mcc", "macro_f1", "loss", *(k for k in a[client] if k.startswith("val_"))):
             assert abs(a[client][key] - b[client][key]) <= tol, (client, key)
 
 
 @pytest.mark.integration
 def test_flower_simulation_matches_the_local_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
     # Prepare: one config, every LoRA method, run on both engines
-    common = [*_tiny(tiny_model_dir), f"algorithms=[{','.join(LORA_METHODS)}]", "train.rounds=2"]
+    # (each client also evaluated on a validation split held out of its training data: val_ metrics alike)
+    common = [
+        *_tiny(tiny_model_dir),
+        f"algorithms=[{','.join(LORA_METHODS)}]",
+        "train.rounds=2",
+        "data.validation_fraction=0.2",
+    ]
     local, flower = tmp_path / "local", tmp_path / "flower"
     # Execute
     assert main(["run", *common, "--out", str(local), "--quiet"]) == 0
@@ -324,6 +330,7 @@ def test_flower_simulation_matches_the_local_engine(tiny_model_dir: Path, tmp_pa
     a, b = json.loads((local / "results.json").read_text()), json.loads((flower / "results.json").read_text())
     for method in LORA_METHODS:
         _close(a[method]["clients"], b[method]["clients"])
+        assert "val_accuracy" in b[method]["clients"]["0"]
         assert a[method]["effective_rank"] == b[method]["effective_rank"]
         x = load_file(str(local / "checkpoints" / method / "common.safetensors"))
         y = load_file(str(flower / "checkpoints" / method / "common.safetensors"))
@@ -372,6 +379,7 @@ def test_flower_runs_the_model_heterogeneous_methods_like_the_local_engine(tmp_p
     a, b = json.loads((local / "results.json").read_text()), json.loads((flower / "results.json").read_text())
     for method in ("pfedlora", "local", "fedavg"):
         _close(a[method]["clients"], b[method]["clients"])
+        assert "val_accuracy" in b[method]["clients"]["0"]
     assert b["accounting"]["communication_fedavg_over_pfedlora"] > 5
     assert (flower / "checkpoints" / "pfedlora" / "adapter_client0.safetensors").is_file()
 
