@@ -121,3 +121,26 @@ def test_a_tracker_not_installed_is_one_line_naming_its_extra(tmp_path: Path, mo
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'pf2lora[wandb]'" in err, err
     assert not out.exists()
+
+
+@pytest.mark.integration
+def test_compare_logs_every_run_and_its_table_to_one_store(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pf2lora import compare
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "grid"
+    items = [*TINY, "train.rounds=1", "seeds=0,1", "report_to=[mlflow]"]
+    compare.run(None, items, out)
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("experiment").experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names == [
+        "rotten_tomatoes-h0.9-seed0/homlora/homlora",
+        "rotten_tomatoes-h0.9-seed1/homlora/homlora",
+        f"{tmp_path.name}/grid/compare",
+    ]
+    (table,) = [r for r in runs if r.info.run_name.endswith("/compare")]
+    assert {"table.md", "compare.png"} <= {a.path for a in client.list_artifacts(table.info.run_id)}
+    assert not (Path.cwd() / "mlartifacts").exists()

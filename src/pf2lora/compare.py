@@ -321,17 +321,27 @@ def execute(
             for stale in sorted(folder.rglob("*"), reverse=True):
                 stale.unlink() if stale.is_file() else stale.rmdir()
         todo.append((i, f"{what} (resumed)" if half_done else what, cfg, folder, half_done))
-    if jobs > 1 and len(todo) > 1:
-        _execute_parallel(todo, len(grid.runs), jobs, on_run)
-    else:
-        for i, what, cfg, folder, half_done in todo:
-            if on_run is not None:
-                on_run(i, len(grid.runs), what)
-            # on Flower's simulation runtime for engine=flower; a half-done run from its last complete round
-            run_on_engine(prepared_for(cfg), folder, progress, resume=half_done)
+    from pf2lora.trackers import shared_store
+
+    with shared_store(grid.runs[0][3], out):  # every run in one MLflow store where mlflow is named
+        if jobs > 1 and len(todo) > 1:
+            _execute_parallel(todo, len(grid.runs), jobs, on_run)
+        else:
+            for i, what, cfg, folder, half_done in todo:
+                if on_run is not None:
+                    on_run(i, len(grid.runs), what)
+                # on Flower's simulation runtime for engine=flower; a half-done run from its last complete round
+                run_on_engine(prepared_for(cfg), folder, progress, resume=half_done)
     table = build_table(grid, out)
     table["seconds"] = round(time.perf_counter() - started, 1)
     write_table(table, out)
+    base = grid.runs[0][3]
+    if base.report_to:  # every run was logged as it ran; the table too, as a tracker run of its own
+        from pf2lora.trackers import publish
+
+        with shared_store(base, out):
+            files = [out / f"table.{kind}" for kind in ("md", "csv", "json")]
+            publish(base, out, "compare", [*files, out / "compare.png"])
     return table
 
 

@@ -22,9 +22,11 @@ These are thin adapters over each library's own logging API, written here becaus
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +190,15 @@ class MLflow(Tracker):
         found = client.get_experiment_by_name(self.cfg.name)
         if found is not None:
             experiment = found.experiment_id
-        else:  # artifacts beside the run (a SQLite store's default is ./mlartifacts of the working directory)
-            where = None if os.environ.get("MLFLOW_TRACKING_URI") else (self.out.absolute() / "mlartifacts").as_uri()
+        else:  # artifacts beside a SQLite store (its default is ./mlartifacts of the working directory)
+            uri = client.tracking_uri
+            where = (
+                (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+                if uri.startswith("sqlite:///")
+                else None
+            )
             experiment = client.create_experiment(self.cfg.name, artifact_location=where)
-        tags = {"mlflow.runName": f"{self.out.name}/{method}", "pf2lora.method": method}
+        tags = {"mlflow.runName": f"{self.out.parent.name}/{self.out.name}/{method}", "pf2lora.method": method}
         run = client.create_run(experiment, tags={**tags, "pf2lora.run_dir": str(self.out.absolute())})
         params = [Param(k, str(v)[:6000]) for k, v in flat_config(self.cfg).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
@@ -230,8 +237,8 @@ class WandB(Tracker):
 
         return wandb.init(
             project=os.environ.get("WANDB_PROJECT") or f"pf2lora-{self.cfg.name}",
-            name=f"{self.out.name}/{method}",
-            group=self.out.name,
+            name=f"{self.out.parent.name}/{self.out.name}/{method}",
+            group=self.cfg.name,
             dir=str(self.out),
             config=flat_config(self.cfg),
             tags=[method],
@@ -258,6 +265,35 @@ class WandB(Tracker):
 
 
 _CLASSES: dict[str, type[Tracker]] = {"tensorboard": TensorBoard, "mlflow": MLflow, "wandb": WandB}
+
+
+@contextlib.contextmanager
+def shared_store(cfg: ExperimentConfig, out: Path) -> Iterator[None]:
+    """Work over many runs (``compare``, ``tune``) logs them all to one MLflow store, in ``out``
+    (``$MLFLOW_TRACKING_URI`` where it is set): the variable is set for the runs and the worker
+    processes they start. TensorBoard finds every run under ``--logdir out``."""
+    if "mlflow" not in cfg.report_to or os.environ.get("MLFLOW_TRACKING_URI"):
+        yield
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out.absolute() / 'mlflow.db'}"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def publish(cfg: ExperimentConfig, out: Path, label: str, files: list[Path]) -> None:
+    """The outputs of work over many runs (``compare``'s table, ``tune``'s best values and plots)
+    as artifacts of a tracker run of their own, named ``label``, in every tracker ``report_to``
+    names (each of the runs was logged as it ran)."""
+    check_installed(cfg.report_to)
+    for name in cfg.report_to:
+        tracker = _CLASSES[name](cfg, out)
+        handle = tracker._open(label)
+        try:
+            tracker._artifacts(handle, [p for p in files if p.is_file()])
+        finally:
+            tracker._close(handle)
 
 
 def start_trackers(cfg: ExperimentConfig, out: Path, resume: bool = False) -> list[Tracker]:

@@ -460,14 +460,19 @@ def execute(
         for method in study.methods:
             _load(study, method, out)  # created once, before processes race to create it
     started = time.perf_counter()
-    if jobs > 1:
-        _run_parallel(study, out, jobs)
-    else:
-        for method in study.methods:
-            run_trials(study, out, method, on_trial=on_trial)
-    summary = summarize(study, out)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    write(summary, study, out)
+    from pf2lora.trackers import publish, shared_store
+
+    with shared_store(study.base, out):  # every trial in one MLflow store where mlflow is named
+        if jobs > 1:
+            _run_parallel(study, out, jobs)
+        else:
+            for method in study.methods:
+                run_trials(study, out, method, on_trial=on_trial)
+        summary = summarize(study, out)
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        write(summary, study, out)
+        if study.base.report_to:  # the trials were logged as they ran; the outcome too, as a run of its own
+            publish(study.base, out, "tune", [out / "best.yaml", out / "trials.json", *sorted(out.glob("*.png"))])
     return summary
 
 
