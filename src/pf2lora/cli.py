@@ -275,15 +275,24 @@ def synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """A command's positional items: a YAML config first where one is given, then key=value overrides."""
+    config = items[0] if items and "=" not in items[0] else None
+    return config, items[1:] if config is not None else items
+
+
+def check_jobs(jobs: int) -> None:
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+
+
 def compare(args: argparse.Namespace, items: list[str]) -> int:
     from pf2lora import compare as cmp
     from pf2lora.config import check_out_dir
 
-    config = items[0] if items and "=" not in items[0] else None
-    overrides = items[1:] if config is not None else items
+    config, overrides = config_and_overrides(items)
     try:
-        if args.jobs < 1:
-            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+        check_jobs(args.jobs)
         if args.round is not None and args.round < 0:
             raise ConfigError(f"--round must be >= 0, got {args.round}")
         if args.per_method is not None:
@@ -366,11 +375,9 @@ def per_method_overrides(path: Path) -> list[str]:
 def tune(args: argparse.Namespace, items: list[str]) -> int:
     from pf2lora import tune as tuning
 
-    config = items[0] if items and "=" not in items[0] else None
-    overrides = items[1:] if config is not None else items
+    config, overrides = config_and_overrides(items)
     try:
-        if args.jobs < 1:
-            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+        check_jobs(args.jobs)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
         if methods is not None and not methods:
             raise ConfigError("--methods: give at least one method")
@@ -474,8 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     items = [*args.items, *extra]
-    config = items[0] if items and "=" not in items[0] else None
-    overrides = items[1:] if config is not None else items
+    config, overrides = config_and_overrides(items)
     try:
         from pf2lora.api import check_out_dir, prepare, run_on_engine
 
