@@ -461,20 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return synthetic(args)
-    if args.command == "tune":
+    if args.command in ("tune", "compare"):
         unknown = [e for e in extra if e.startswith("-")]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-        return tune(args, [*args.items, *extra])
-    if args.command == "compare":
-        unknown = [e for e in extra if e.startswith("-")]
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-        return compare(args, [*args.items, *extra])
+        return (tune if args.command == "tune" else compare)(args, [*args.items, *extra])
     unknown = [e for e in extra if e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
