@@ -171,3 +171,30 @@ def test_tune_finds_the_learning_rate_never_reads_the_test_split_and_resumes(tmp
     for number, mtime in written.items():  # not run again
         assert states[number]["state"] == "COMPLETE"
         assert (out / states[number]["run_dir"] / "results.json").stat().st_mtime_ns == mtime
+
+
+class AlwaysPrune:
+    def __init__(self) -> None:
+        self.reported: list[tuple[float, int]] = []
+
+    def report(self, value: float, step: int) -> None:
+        self.reported.append((value, step))
+
+    def should_prune(self) -> bool:
+        return True
+
+
+def test_the_pruner_sees_each_rounds_mean_validation_metric_and_spares_a_finished_trial() -> None:
+    import optuna
+
+    trial = AlwaysPrune()
+    pruning = tune.Pruning(trial, "val_accuracy", rounds=4)
+    record = {"round": 2, "eval": {"0": {"val_accuracy": 0.5, "accuracy": 0.0}, "1": {"val_accuracy": 1.0}}}
+    with pytest.raises(optuna.TrialPruned):
+        pruning.on_round("homlora", record)
+    assert trial.reported == [(0.75, 2)]
+    pruning.on_round("homlora", {"round": 3})  # no evaluation this round: nothing reported
+    pruning.on_round("homlora", {**record, "round": 4})  # the last round: complete, never pruned
+    assert trial.reported[-1] == (0.75, 4)
+    with pytest.raises(optuna.TrialPruned, match="nan"):
+        pruning.on_round("homlora", {"round": 4, "eval": {"0": {"val_accuracy": float("nan")}}})

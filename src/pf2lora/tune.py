@@ -324,8 +324,8 @@ class Pruning:
     """A trial's follower (:class:`~pf2lora.runner.RunCallback`): each round's mean validation
     metric reported to Optuna, the trial stopped where the pruner says so."""
 
-    def __init__(self, trial: Any, objective: str) -> None:
-        self.trial, self.objective = trial, objective
+    def __init__(self, trial: Any, objective: str, rounds: int) -> None:
+        self.trial, self.objective, self.rounds = trial, objective, rounds
 
     def on_round(self, method: str, record: dict[str, Any]) -> None:
         import optuna
@@ -337,7 +337,7 @@ class Pruning:
         if not math.isfinite(value):
             raise optuna.TrialPruned(f"{self.objective} is {value} after round {record['round']}")
         self.trial.report(value, int(record["round"]))
-        if self.trial.should_prune():
+        if record["round"] < self.rounds and self.trial.should_prune():  # a finished trial is complete
             raise optuna.TrialPruned(f"{self.objective} {value:.4f} after round {record['round']}")
 
     def on_method(self, method: str, result: dict[str, Any]) -> None:
@@ -389,7 +389,7 @@ def run_trials(
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         try:
             results = run_on_engine(
-                prepare(cfg, reuse=prepared[key]), folder, callbacks=[Pruning(trial, study.objective)]
+                prepare(cfg, reuse=prepared[key]), folder, callbacks=[Pruning(trial, study.objective, cfg.train.rounds)]
             )
         except optuna.TrialPruned as pruned:
             if on_trial is not None:
