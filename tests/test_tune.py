@@ -161,7 +161,11 @@ def test_tune_finds_the_learning_rate_never_reads_the_test_split_and_resumes(tmp
     killed = optuna.load_study(study_name="homlora", storage=storage).ask(
         {"train.lr": optuna.distributions.CategoricalDistribution([1e-2, 30.0])}
     )
+    other = tune.plan(None, easy(tmp_path), ["homlora"], ["train.lr=1e-2,3e-2"], trials=3)
+    with pytest.raises(ConfigError, match="the study was started with search"):
+        tune.check_folder(out, True, False, other)
     study = tune.plan(None, easy(tmp_path), ["homlora"], ["train.lr=1e-2,30.0"], trials=3)
+    tune.check_folder(out, True, False, study)  # the same plan, more trials: fine
     summary = tune.execute(study, out, resume=True)
     states = {t["number"]: t for t in summary["methods"]["homlora"]["trials"]}
     assert states[killed.number]["state"] == "FAIL"

@@ -385,7 +385,7 @@ def tune(args: argparse.Namespace, items: list[str]) -> int:
             config, overrides, methods, args.search or None, args.trials, args.metric, args.sampler, args.pruner
         )
         out = args.out or Path("runs") / f"tune-{study.base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tuning.check_folder(out, args.resume, args.force)
+        tuning.check_folder(out, args.resume, args.force, study)
         from pf2lora.api import prepare
 
         for method in study.methods:  # the data, the model and the held-out split checked before any trial

@@ -614,15 +614,25 @@ def run(
         pruner,
     )
     folder = Path(out)
-    check_folder(folder, resume, force)
+    check_folder(folder, resume, force, study)
     return execute(study, folder, resume, jobs)
 
 
-def check_folder(folder: Path, resume: bool, force: bool) -> None:
-    """``--resume`` needs a study in ``folder``; otherwise the folder must be new (or ``force``)."""
+def check_folder(folder: Path, resume: bool, force: bool, study: Study | None = None) -> None:
+    """``--resume`` needs a study in ``folder`` started with the same plan as ``study`` (its
+    number of trials may grow); otherwise the folder must be new (or ``force``)."""
     if resume:
         if not (folder / STORAGE).is_file():
             raise ConfigError(f"--resume: {folder} holds no study ({STORAGE})")
+        if study is None or not (folder / "tune.yaml").is_file():
+            return
+        before, now = yaml.safe_load((folder / "tune.yaml").read_text()) or {}, _describe(study)
+        for key in ("config", "overrides", "methods", "search", "objective", "sampler"):
+            if before.get(key) != now[key]:
+                raise ConfigError(
+                    f"--resume {folder}: the study was started with {key} {before.get(key)!r}, not {now[key]!r}; "
+                    "resume it with its own settings (only --trials may change)"
+                )
     else:
         check_out_dir(folder, force)
         if force and (folder / STORAGE).exists():
