@@ -379,7 +379,6 @@ def test_flower_runs_the_model_heterogeneous_methods_like_the_local_engine(tmp_p
     a, b = json.loads((local / "results.json").read_text()), json.loads((flower / "results.json").read_text())
     for method in ("pfedlora", "local", "fedavg"):
         _close(a[method]["clients"], b[method]["clients"])
-        assert "val_accuracy" in b[method]["clients"]["0"]
     assert b["accounting"]["communication_fedavg_over_pfedlora"] > 5
     assert (flower / "checkpoints" / "pfedlora" / "adapter_client0.safetensors").is_file()
 
