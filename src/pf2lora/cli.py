@@ -386,10 +386,7 @@ def tune(args: argparse.Namespace, items: list[str]) -> int:
         )
         out = args.out or Path("runs") / f"tune-{study.base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         tuning.check_folder(out, args.resume, args.force, study)
-        from pf2lora.api import prepare
-
-        for method in study.methods:  # the data, the model and the held-out split checked before any trial
-            prepare(study.trial_config(method, {})).release()
+        prepared = tuning.check_data(study)  # the data, the model and the held-out split, before any trial
     except ConfigError as err:
         print(f"pf2lora: error: {err}", file=sys.stderr)
         return 2
@@ -399,7 +396,7 @@ def tune(args: argparse.Namespace, items: list[str]) -> int:
     for note in study.notes:
         say(f"note: {note}")
     try:
-        summary = tuning.execute(study, out, args.resume, args.jobs, on_trial=say)
+        summary = tuning.execute(study, out, args.resume, args.jobs, on_trial=say, prepared=prepared)
     except ConfigError as err:
         print(f"pf2lora: error: {err}", file=sys.stderr)
         return 2

@@ -24,8 +24,8 @@ import numpy as np
 import yaml
 
 from pf2lora.config import ConfigError, ExperimentConfig, check_out_dir, from_dict, load_config
-from pf2lora.data.text import VALIDATION_PREFIX
 from pf2lora.methods import check, get
+from pf2lora.metrics import VALIDATION_PREFIX
 from pf2lora.runner import check_resume
 from pf2lora.tasks import task_class
 
@@ -262,7 +262,7 @@ def run_dir(out: Path, row: Row, column: Column, seed: int) -> Path:
     return out / "runs" / f"{column.slug}-seed{seed}" / row.slug
 
 
-def _data_key(cfg: ExperimentConfig) -> str:
+def data_key(cfg: ExperimentConfig) -> str:
     """Runs whose data and model settings agree share one tokenised, partitioned dataset."""
     return json.dumps([cfg.seed, cfg.task.__dict__, cfg.data.__dict__, cfg.model.__dict__], sort_keys=True, default=str)
 
@@ -297,13 +297,13 @@ def execute(
     data: dict[str, Any] = {}
 
     def prepared_for(cfg: ExperimentConfig) -> Any:
-        return prepare(cfg, reuse=data[_data_key(cfg)])
+        return prepare(cfg, reuse=data[data_key(cfg)])
 
     for row, column, seed, cfg in grid.runs:
         if resume and _finished(run_dir(out, row, column, seed), cfg):
             continue  # kept as it is: nothing to prepare
-        if _data_key(cfg) not in data:
-            data[_data_key(cfg)] = prepare(cfg).release()  # the data, and this run's model checked on it
+        if data_key(cfg) not in data:
+            data[data_key(cfg)] = prepare(cfg).release()  # the data, and this run's model checked on it
         elif get(cfg.algorithms[0]).family == "heterogeneous":
             prepared_for(cfg)  # each run's own models checked on its clients' data before any training
     out.mkdir(parents=True, exist_ok=True)
@@ -321,9 +321,10 @@ def execute(
             for stale in sorted(folder.rglob("*"), reverse=True):
                 stale.unlink() if stale.is_file() else stale.rmdir()
         todo.append((i, f"{what} (resumed)" if half_done else what, cfg, folder, half_done))
-    from pf2lora.trackers import shared_store
+    from pf2lora.trackers import publish, shared_store
 
-    with shared_store(grid.runs[0][3], out):  # every run in one MLflow store where mlflow is named
+    base = grid.runs[0][3]
+    with shared_store(base, out):  # every run, and the table, in one MLflow store where mlflow is named
         if jobs > 1 and len(todo) > 1:
             _execute_parallel(todo, len(grid.runs), jobs, on_run)
         else:
@@ -332,14 +333,10 @@ def execute(
                     on_run(i, len(grid.runs), what)
                 # on Flower's simulation runtime for engine=flower; a half-done run from its last complete round
                 run_on_engine(prepared_for(cfg), folder, progress, resume=half_done)
-    table = build_table(grid, out)
-    table["seconds"] = round(time.perf_counter() - started, 1)
-    write_table(table, out)
-    base = grid.runs[0][3]
-    if base.report_to:  # every run was logged as it ran; the table too, as a tracker run of its own
-        from pf2lora.trackers import publish
-
-        with shared_store(base, out):
+        table = build_table(grid, out)
+        table["seconds"] = round(time.perf_counter() - started, 1)
+        write_table(table, out)
+        if base.report_to:  # every run was logged as it ran; the table too, as a tracker run of its own
             files = [out / f"table.{kind}" for kind in ("md", "csv", "json")]
             publish(base, out, "compare", [*files, out / "compare.png"])
     return table

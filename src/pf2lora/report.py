@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from pf2lora.metrics import VALIDATION_PREFIX
+
 
 class Progress:
     """One bar per method, advanced once per client per round."""
@@ -49,8 +51,9 @@ LABELS = {"mcc": "MCC", "macro_f1": "macro-F1", "exact_match": "EM", "f1": "F1"}
 
 def label(metric: str) -> str:
     """A metric's column title: ``val_mcc`` is ``val MCC``."""
-    if metric.startswith("val_"):
-        return "val " + LABELS.get(metric[4:], metric[4:])
+    if metric.startswith(VALIDATION_PREFIX):
+        name = metric[len(VALIDATION_PREFIX) :]
+        return "val " + LABELS.get(name, name)
     return LABELS.get(metric, metric)
 
 
@@ -68,10 +71,11 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
         console.width = max(console.width, 160)  # a log file: never squeeze the numbers
     primary, *others = metric_names(results)
     means = next(iter(results.values()))["mean"]
-    others += [f"val_{m}" for m in (primary, *others) if f"val_{m}" in means]  # held-out validation metrics
+    held_out = [VALIDATION_PREFIX + m for m in (primary, *others)]
+    others += [m for m in held_out if m in means]  # the validation split's metrics
     clients = sorted({int(c) for r in results.values() for c in r["clients"]})
     shown = clients if len(clients) <= 12 else []
-    split = "validation" if primary.startswith("val_") else "test"
+    split = "validation" if primary.startswith(VALIDATION_PREFIX) else "test"
     table = Table(title=f"{split.capitalize()} {label(primary)} per client (each on its own {split} split)")
     table.add_column("method", no_wrap=True)
     for c in shown:

@@ -26,10 +26,9 @@ from pf2lora.adapters.export import PeftExporter
 from pf2lora.algorithms.base import ClientAlgorithm, ClientData, ServerAlgorithm
 from pf2lora.algorithms.dp import DPFedAvgServer, privacy_spent
 from pf2lora.config import ConfigError, ExperimentConfig, from_dict
-from pf2lora.data.text import VALIDATION_PREFIX
 from pf2lora.families import Built, PreparedRun, heterogeneous, lora
 from pf2lora.methods import family_of, get
-from pf2lora.metrics import summarize
+from pf2lora.metrics import VALIDATION_PREFIX, summarize
 from pf2lora.rounds import Checkpoint
 from pf2lora.utils import atomic_write
 
@@ -146,7 +145,7 @@ def run(
     it (a pruned trial). Returns ``results.json``."""
     from pf2lora.trackers import start_trackers
 
-    followers = [*start_trackers(prepared.cfg, out, resume), *callbacks]
+    followers = [*start_trackers(prepared.cfg, out), *callbacks]
     try:
         results = _run(prepared, out, engine_factory, progress, resume, followers)
     finally:

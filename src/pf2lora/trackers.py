@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pf2lora.config import TRACKERS, ConfigError, ExperimentConfig
+from pf2lora.metrics import averaged
 
 # the module each tracker needs, and the extra that installs it
 _MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -80,7 +81,7 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
         out["traffic/bytes"] = float(sum(m.get("bytes_sent", 0) + m.get("bytes_received", 0) for m in clients.values()))
     evaluation = record.get("eval") or {}
     if evaluation:
-        names = [k for k in next(iter(evaluation.values())) if not k.endswith("num_examples")]
+        names = averaged(next(iter(evaluation.values())))
         for name in names:
             values = [float(m[name]) for m in evaluation.values() if name in m]
             out[f"eval/{name}"] = float(np.mean(values))
@@ -296,7 +297,7 @@ def publish(cfg: ExperimentConfig, out: Path, label: str, files: list[Path]) -> 
             tracker._close(handle)
 
 
-def start_trackers(cfg: ExperimentConfig, out: Path, resume: bool = False) -> list[Tracker]:
+def start_trackers(cfg: ExperimentConfig, out: Path) -> list[Tracker]:
     """The trackers ``cfg.report_to`` names, each following the run in ``out``."""
     check_installed(cfg.report_to)
     return [_CLASSES[name](cfg, out) for name in cfg.report_to]

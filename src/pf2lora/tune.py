@@ -43,8 +43,8 @@ from pf2lora.config import (
     from_dict,
     load_config,
 )
-from pf2lora.data.text import VALIDATION_PREFIX
 from pf2lora.methods import check, get
+from pf2lora.metrics import VALIDATION_PREFIX
 from pf2lora.tasks import task_class
 
 DEFAULT_SEARCH = ("train.lr=log:1e-4:1e-2",)
@@ -350,8 +350,28 @@ class Pruning:
         pass
 
 
-def _data_key(cfg: ExperimentConfig) -> str:
-    return json.dumps([cfg.seed, cfg.task.__dict__, cfg.data.__dict__, cfg.model.__dict__], sort_keys=True, default=str)
+def prepare_trial(cfg: ExperimentConfig, prepared: dict[str, Any]) -> Any:
+    """A trial's prepared run: its data (and the task bound to it) loaded and checked once per
+    process and kept in ``prepared`` under :func:`pf2lora.compare.data_key`, shared by every trial
+    and method on it (as ``compare`` shares it between runs); each method still checked."""
+    from pf2lora.api import prepare
+    from pf2lora.compare import data_key
+
+    key = data_key(cfg)
+    if key not in prepared:
+        prepared[key] = prepare(cfg).release()  # the data, and the model checked on it
+        return prepared[key]
+    return prepare(cfg, reuse=prepared[key])
+
+
+def check_data(study: Study) -> dict[str, Any]:
+    """Every method's trial data and model checked before any trial (ConfigError on bad input, e.g.
+    a validation fraction that leaves a client without data). Returns the preparations, to be
+    handed to :func:`execute`."""
+    prepared: dict[str, Any] = {}
+    for method in study.methods:
+        prepare_trial(study.trial_config(method, {}), prepared)
+    return prepared
 
 
 def run_trials(
@@ -361,17 +381,19 @@ def run_trials(
     worker: int = 0,
     on_trial: Callable[[str], None] | None = None,
     jobs: int = 1,
+    prepared: dict[str, Any] | None = None,
 ) -> None:
     """Draw and run ``method``'s trials until the study holds ``study.trials`` finished ones (one
     of ``jobs`` processes sharing the study: its share, and no trial started once they are all
-    finished; processes that start trials at once may finish up to ``jobs - 1`` more)."""
+    finished; processes that start trials at once may finish up to ``jobs - 1`` more).
+    ``prepared``: this process's preparations (:func:`prepare_trial`), kept across calls."""
     import optuna
 
-    from pf2lora.api import prepare, run_on_engine
+    from pf2lora.api import run_on_engine
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opt_study = _load(study, method, out, worker)
-    prepared: dict[str, Any] = {}
+    prepared = {} if prepared is None else prepared
 
     def objective(trial: Any) -> float:
         values = {s.key: s.suggest(trial) for s in study.spaces[method]}
@@ -382,15 +404,11 @@ def run_trials(
             import shutil
 
             shutil.rmtree(folder)
-        key = _data_key(cfg)
-        if key not in prepared:
-            prepared[key] = prepare(cfg).release()
+        run = prepare_trial(cfg, prepared)
         started = time.perf_counter()
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         try:
-            results = run_on_engine(
-                prepare(cfg, reuse=prepared[key]), folder, callbacks=[Pruning(trial, study.objective, cfg.train.rounds)]
-            )
+            results = run_on_engine(run, folder, callbacks=[Pruning(trial, study.objective, cfg.train.rounds)])
         except optuna.TrialPruned as pruned:
             if on_trial is not None:
                 on_trial(
@@ -427,8 +445,13 @@ def _worker(study_dict: dict[str, Any], out: str, worker: int, threads: int, job
     study = _from_dict(study_dict)
     if not study.base.train.threads:
         torch.set_num_threads(threads)
+    prepared: dict[str, Any] = {}  # this process's data, shared by every method's trials
     for method in study.methods:
-        run_trials(study, Path(out), method, worker, on_trial=lambda line: print(line, flush=True), jobs=jobs)
+        run_trials(study, Path(out), method, worker, on_trial=_print, jobs=jobs, prepared=prepared)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # a --jobs process's line per trial, as it finishes
 
 
 def _to_dict(study: Study) -> dict[str, Any]:
@@ -446,10 +469,17 @@ def _from_dict(d: dict[str, Any]) -> Study:
 
 
 def execute(
-    study: Study, out: Path, resume: bool = False, jobs: int = 1, on_trial: Callable[[str], None] | None = None
+    study: Study,
+    out: Path,
+    resume: bool = False,
+    jobs: int = 1,
+    on_trial: Callable[[str], None] | None = None,
+    prepared: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the studies (``jobs`` processes side by side), then write ``best.yaml``, ``trials.json``
-    and the plots. ``resume``: continue the studies in ``out`` (:func:`recover`)."""
+    and the plots. ``resume``: continue the studies in ``out`` (:func:`recover`). ``prepared``:
+    what :func:`check_data` prepared, reused by the trials in this process."""
+    prepared = {} if prepared is None else prepared
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.yaml").write_text(yaml.safe_dump(_describe(study), sort_keys=False))
     if resume:
@@ -467,7 +497,7 @@ def execute(
             _run_parallel(study, out, jobs)
         else:
             for method in study.methods:
-                run_trials(study, out, method, on_trial=on_trial)
+                run_trials(study, out, method, on_trial=on_trial, prepared=prepared)
         summary = summarize(study, out)
         summary["seconds"] = round(time.perf_counter() - started, 1)
         write(summary, study, out)
@@ -615,7 +645,7 @@ def run(
     )
     folder = Path(out)
     check_folder(folder, resume, force, study)
-    return execute(study, folder, resume, jobs)
+    return execute(study, folder, resume, jobs, prepared=check_data(study))
 
 
 def check_folder(folder: Path, resume: bool, force: bool, study: Study | None = None) -> None:

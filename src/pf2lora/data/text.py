@@ -14,6 +14,7 @@ import torch
 from pf2lora.config import ConfigError, DataConfig
 from pf2lora.data import partition
 from pf2lora.data.sources import TextSplits, load_splits
+from pf2lora.utils import stable_seed
 
 
 class TokenizedData:
@@ -143,9 +144,6 @@ def client_indices(splits: TextSplits, cfg: DataConfig, seed: int) -> tuple[list
     return train, test
 
 
-VALIDATION_PREFIX = "val_"  # validation metrics are reported as val_<metric> beside the test metrics
-
-
 class EvalSets(Sequence):
     """Each client's evaluation data: ``sets[cid]`` maps a split's name (``test``, ``validation``)
     to the client's data of that split, each encoded when first asked for. An engine hands a
@@ -157,10 +155,6 @@ class EvalSets(Sequence):
         if len(lengths) != 1:
             raise ValueError(f"evaluation splits of different client counts: {sorted(lengths)}")
         self.splits = splits
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.splits)
 
     def __len__(self) -> int:
         return len(next(iter(self.splits.values())))
@@ -182,8 +176,6 @@ def hold_out(
     example is a training example seen with another question or reference."""
     if fraction <= 0:
         return train, [np.array([], dtype=np.int64) for _ in train]
-    from pf2lora.utils import stable_seed
-
     rng = np.random.default_rng(stable_seed(seed, "validation"))
     kept, held = [], []
     for rows in train:
@@ -225,6 +217,24 @@ def client_splits(
     return train, validation, test
 
 
+def lazy_clients(
+    splits: TextSplits,
+    rows: tuple[list[np.ndarray], list[np.ndarray] | None, list[np.ndarray]],
+    encode: Callable[[pd.DataFrame], Any],
+    label_names: list[str] | None = None,
+) -> FederatedData:
+    """Each client's training, test and (where held out) validation rows of ``splits`` (from
+    :func:`client_splits`), encoded by ``encode`` when first used (:class:`LazyClients`); the
+    validation rows are training rows."""
+    train, validation, test = rows
+    return FederatedData(
+        LazyClients(splits.train, train, encode),
+        LazyClients(splits.test, test, encode),
+        label_names if label_names is not None else [],
+        None if validation is None else LazyClients(splits.train, validation, encode),
+    )
+
+
 class LazyClients(Sequence):
     """Each client's examples of one split, encoded by ``encode`` (a frame of the client's rows in,
     the task's client data out) the first time the client's data is asked for, and kept. A deployed
@@ -257,11 +267,5 @@ class LazyClients(Sequence):
 def build_federated_data(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> FederatedData:
     """Each client's splits, tokenized as they are first used (:class:`LazyClients`)."""
     splits = load_splits(cfg, seed)
-    train_idx, val_idx, test_idx = client_splits(splits, cfg, seed)
     encode = partial(tokenize, tokenizer=tokenizer, max_length=max_length)
-    return FederatedData(
-        LazyClients(splits.train, train_idx, encode),
-        LazyClients(splits.test, test_idx, encode),
-        splits.label_names,
-        None if val_idx is None else LazyClients(splits.train, val_idx, encode),
-    )
+    return lazy_clients(splits, client_splits(splits, cfg, seed), encode, splits.label_names)

@@ -28,10 +28,10 @@ from pf2lora.algorithms.fedavg import clients_per_round
 from pf2lora.algorithms.validation import problem
 from pf2lora.compression import transmit
 from pf2lora.config import ExperimentConfig
-from pf2lora.data.text import VALIDATION_PREFIX
 from pf2lora.engines.states import DiskStates, Packed, PackedStates, pack, unpack
 from pf2lora.engines.workers import Task, WorkerDied, WorkerPool, failure_reasons
 from pf2lora.families import model_device
+from pf2lora.metrics import VALIDATION_PREFIX
 from pf2lora.parallelism import Plan, plan
 from pf2lora.rounds import Checkpoint, Evaluation, Record, run_rounds
 from pf2lora.tasks import records_dir

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from pf2lora.config import ConfigError, ExperimentConfig, TaskConfig
 from pf2lora.data.generation import load_generation
-from pf2lora.data.text import FederatedData, LazyClients, client_splits
+from pf2lora.data.text import FederatedData, client_splits, lazy_clients
 from pf2lora.tasks.base import Batch, Forward, Task
 from pf2lora.tasks.text_metrics import METRICS, score_all
 from pf2lora.utils import write_jsonl
@@ -194,18 +194,12 @@ class Generation(Task):
         check_causal_lm(cfg.model.name)
         splits = load_generation(cfg.data, cfg.seed)
         # validation inputs held out whole: no input is in training with one reference, validation with another
-        train_rows, val_rows, test_rows = client_splits(splits, cfg.data, cfg.seed, groups="source")
+        rows = client_splits(splits, cfg.data, cfg.seed, groups="source")
         for frame in (splits.train, splits.test):  # every prompt checked before any work
             prompt_ids(frame["source"], tokenizer, cfg.model.max_length)
         # each client's pairs are encoded when its data is first used (a site: its own inputs only)
         code = partial(encode, tokenizer=tokenizer, max_length=cfg.model.max_length)
-        data = FederatedData(
-            LazyClients(splits.train, train_rows, code),
-            LazyClients(splits.test, test_rows, code),
-            splits.label_names,
-            None if val_rows is None else LazyClients(splits.train, val_rows, code),
-        )
-        return cls(cfg.task, tokenizer, pad_id(tokenizer)), data
+        return cls(cfg.task, tokenizer, pad_id(tokenizer)), lazy_clients(splits, rows, code, splits.label_names)
 
     def load_model(self, name: str, dropout: float | None = None) -> nn.Module:
         from transformers import AutoModelForCausalLM

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pf2lora.config import ConfigError, ExperimentConfig, TaskConfig
 from pf2lora.data.squad import load_squad
-from pf2lora.data.text import FederatedData, LazyClients, client_splits, pad
+from pf2lora.data.text import FederatedData, client_splits, lazy_clients, pad
 from pf2lora.tasks.base import Batch, Forward, Task
 from pf2lora.tasks.squad_metrics import exact_match, f1_score
 from pf2lora.utils import write_jsonl
@@ -213,18 +213,13 @@ class QuestionAnswering(Task):
         if unanswerable and cfg.task.version == 1:
             raise ConfigError(f"the data holds {unanswerable} unanswerable (SQuAD v2) questions; set task.version=2")
         # validation questions held out by context: none shares its paragraph with a training question
-        train_rows, val_rows, test_rows = client_splits(splits, cfg.data, cfg.seed, groups="context")
+        rows = client_splits(splits, cfg.data, cfg.seed, groups="context")
         stride = cfg.task.stride if cfg.task.stride is not None else cfg.model.max_length // 4
         for frame in (splits.train, splits.test):
             check_windows(frame, tokenizer, cfg.model.max_length, stride)
         # each client's windows are cut when its data is first used (a site: its own questions only)
         encode = partial(windows, tokenizer=tokenizer, max_length=cfg.model.max_length, stride=stride)
-        data = FederatedData(
-            LazyClients(splits.train, train_rows, encode),
-            LazyClients(splits.test, test_rows, encode),
-            validation=None if val_rows is None else LazyClients(splits.train, val_rows, encode),
-        )
-        return cls(cfg.task), data
+        return cls(cfg.task), lazy_clients(splits, rows, encode)
 
     def load_model(self, name: str, dropout: float | None = None) -> nn.Module:
         from transformers import AutoModelForQuestionAnswering

@@ -40,6 +40,7 @@ from pf2lora.engines.flower.records import (
     param_names,
 )
 from pf2lora.engines.workers import failure_reasons
+from pf2lora.metrics import averaged
 from pf2lora.rounds import Checkpoint, Evaluation, run_rounds
 from pf2lora.runner import prepare, run
 from pf2lora.utils import numel
@@ -213,7 +214,7 @@ class FlowerEngine:
         for cid in sorted(replies):
             values = dict(replies[cid].content["metrics"])  # type: ignore[arg-type]
             self._personal[cid] = int(values.pop("personal_parameters"))
-            for key in [k for k in values if k.endswith("num_examples")]:  # test and validation counts
+            for key in set(values) - set(averaged(values)):  # the test and validation example counts
                 values[key] = int(values[key])
             metrics[cid] = values
             ranks[cid] = {k[len("rank.") :]: int(v) for k, v in replies[cid].content["ranks"].items()}  # type: ignore[union-attr]
