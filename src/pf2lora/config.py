@@ -70,6 +70,11 @@ class ModelConfig:
     max_length: int = _help("maximum tokens per example (longer inputs are truncated)", 64)
     dropout: float | None = _help("override the model's hidden/attention dropout; None keeps it", None)
     device: str = _help("auto (a GPU when there is one) | cpu | cuda | cuda:N", "auto")
+    dtype: str = _help(
+        "the frozen base's linear layers: float32 | bfloat16 | float16 | auto (bfloat16 where the CPU or GPU "
+        "computes it natively, else float32); adapters, head, losses and optimizer states stay float32",
+        "float32",
+    )
 
 
 @dataclass
@@ -201,7 +206,12 @@ class TrainConfig:
     )
     weight_decay: float = _help("AdamW weight decay", 0.01)
     hypergradient: str = _help("exact | finite_difference | first_order | joint", "finite_difference")
-    fd_epsilon: float = _help("finite-difference step, as the norm of the perturbation of y", 1e-3)
+    fd_epsilon: float | None = _help(
+        "finite-difference step, as the norm of the perturbation of y; None: by model.dtype, 1e-3 with a float32 "
+        "base, 1e-2 x ||y|| (at least 1e-2) with bfloat16, 3e-3 x ||y|| with float16 (a smaller step drowns in "
+        "the low dtype's rounding)",
+        None,
+    )
     independent_mixed_batch: bool = _help("draw the mixed-derivative batch zeta apart from pi", False)
     reset_optimizer: bool = _help("reset each client's AdamW state every round", False)
     aggregation: str = _help("uniform (1/M, as the paper) | weighted (by training examples)", "uniform")
@@ -347,6 +357,10 @@ class ExperimentConfig:
             m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:"),
             f"model.device must be auto, cpu, cuda or cuda:N, got {m.device!r}",
         )
+        _check(
+            m.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"model.dtype must be auto, float32, bfloat16 or float16, got {m.dtype!r}",
+        )
         _check(m.dropout is None or 0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
         _check(d.num_clients >= 1, f"data.num_clients must be >= 1, got {d.num_clients}")
         _check(
@@ -380,8 +394,9 @@ class ExperimentConfig:
         _check(t.rounds >= 0, f"train.rounds must be >= 0 (0: evaluate the untrained model), got {t.rounds}")
         for key in ("local_steps", "batch_size", "eval_batch_size"):
             _check(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
-        for key in ("lr", "lower_lr", "fd_epsilon"):
+        for key in ("lr", "lower_lr"):
             _check(getattr(t, key) > 0, f"train.{key} must be > 0, got {getattr(t, key)}")
+        _check(t.fd_epsilon is None or t.fd_epsilon > 0, f"train.fd_epsilon must be > 0, got {t.fd_epsilon}")
         _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
         _check(
             t.hypergradient in HYPERGRADIENTS,

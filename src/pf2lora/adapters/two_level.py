@@ -33,6 +33,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pf2lora.config import ConfigError
+from pf2lora.precision import lower_precision, resolve_dtype
 from pf2lora.tasks.base import Task, find_head
 
 Params = dict[str, Tensor]
@@ -143,6 +144,7 @@ class TwoLevelModel:
         personal_rank: int = 0,
         personal_lora_alpha: float = 1.0,
         head: str = "shared",
+        dtype: str = "float32",
     ) -> None:
         target_modules = resolve_targets(base, target_modules)
         modules = find_target_modules(base, target_modules)  # clear error before PEFT's own
@@ -172,6 +174,10 @@ class TwoLevelModel:
         )
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # the frozen linear layers in model.dtype, after PEFT drew the adapters' init in fp32
+        heads = {prefix + n.split(".")[0] for n in head_names}
+        self.dtype = resolve_dtype(dtype, self.device)  # what the frozen linear layers compute in
+        lower_precision(self.model, self.dtype, keep=heads)
         named = dict(self.model.named_parameters())
         self._initial = {n: named[n].detach().clone() for n in self.layout.head_names}
         for m in self.layout.modules:  # PEFT's init: A Kaiming-uniform, B zero

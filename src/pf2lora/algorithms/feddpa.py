@@ -180,6 +180,7 @@ def build(cfg: ExperimentConfig, base: nn.Module, task: Task) -> tuple[FedDPASer
         personal_rank=lo.rank,
         personal_lora_alpha=lo.lora_alpha,
         head="shared",
+        dtype=cfg.model.dtype,
     )
     return (
         FedDPAServer(model.initial_common(), t.aggregation, t.client_fraction, cfg.seed),

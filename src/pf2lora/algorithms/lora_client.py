@@ -49,6 +49,7 @@ def lora_model(
         personal_rank=lo.personal_rank if personal else 0,
         personal_lora_alpha=lo.personal_lora_alpha,
         head=lo.head if head is None else head,
+        dtype=cfg.model.dtype,
     )
 
 

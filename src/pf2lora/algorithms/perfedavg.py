@@ -28,6 +28,7 @@ from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import LoRAClient, lora_model
 from pf2lora.config import ExperimentConfig, PerFedAvgConfig, TrainConfig
 from pf2lora.data.sampling import draw
+from pf2lora.precision import fd_epsilon
 from pf2lora.tasks.base import Task
 from pf2lora.utils import fork_rng, l2_norm, rng_state, stable_seed
 
@@ -82,7 +83,7 @@ class PerFedAvgClient(LoRAClient):
         norm = l2_norm(v)
         if norm == 0:
             return {k: torch.zeros_like(x[k]) for k in names}
-        eps = self.cfg.fd_epsilon / norm
+        eps = fd_epsilon(self.cfg.fd_epsilon, self.model, l2_norm(x)) / norm
         device = self.model.device
         rng, masks = rng_state(device), DropoutMasks()
         out = []

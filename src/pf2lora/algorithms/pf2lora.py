@@ -39,6 +39,7 @@ from pf2lora.algorithms.base import Batch, ClientData, ClientState, Instruction,
 from pf2lora.algorithms.fedavg import FedAvgServer
 from pf2lora.algorithms.lora_client import LoRAClient, lora_model
 from pf2lora.config import ExperimentConfig
+from pf2lora.precision import fd_epsilon
 from pf2lora.tasks.base import Task
 from pf2lora.utils import clone_params, fork_rng, generator, l2_norm, rng_state, set_rng_state
 
@@ -136,7 +137,7 @@ class PF2LoRAClient(LoRAClient):
         norm = l2_norm(v)
         if norm == 0:
             return {k: torch.zeros_like(t) for k, t in x.items()}
-        eps = self.cfg.fd_epsilon / norm
+        eps = fd_epsilon(self.cfg.fd_epsilon, self.model, l2_norm(y)) / norm
         xs = list(x)
         device = self.model.device
         with fork_rng(device):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pf2lora.config import ExperimentConfig
+from pf2lora.config import ConfigError, ExperimentConfig
 from pf2lora.data.images import IMAGE_DATASETS, build_image_data
 from pf2lora.data.text import FederatedData, build_federated_data
 from pf2lora.families import Built, check_runtime, model_device
@@ -73,6 +73,11 @@ def prepare(cfg: ExperimentConfig, reuse: PreparedHeterogeneous | None = None) -
     every client's model and check it gives the shared dimension on the client's own data. Raises
     ConfigError on any bad input, before training."""
     check_runtime(cfg)
+    if cfg.model.dtype in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"model.dtype={cfg.model.dtype} lowers a pretrained base under LoRA adapters; pfedlora's client "
+            "models train whole in float32 (use model.dtype=float32 or auto)"
+        )
     data = reuse.data if reuse is not None else None
     if data is None and cfg.data.dataset in IMAGE_DATASETS:
         data = build_image_data(cfg.data, cfg.seed)

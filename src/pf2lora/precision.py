@@ -1,0 +1,165 @@
+"""A low-precision frozen base (``model.dtype``): the pretrained weights of every linear layer kept
+in bf16 (or fp16), everything trained in fp32.
+
+Each frozen linear layer (``nn.Linear``, GPT-2's ``Conv1D``) stores its weight and bias once in the
+low dtype and computes ``cast(x) @ W^T + b`` in that dtype, its output cast back to the input's
+dtype. The rest of the model stays as loaded: embeddings, layer norms, attention (the scaled
+dot-product of queries and keys runs on the fp32 stream between layers, where PyTorch's CPU flash
+attention is fast; its bf16 backward was measured 4x slower), the task's head, the LoRA factors and
+their optimizer states. So the products that dominate a step (77% of a bare PEFT step here) run on
+the bf16 units, and the loss, the gradients of the trained tensors and the residual stream stay fp32.
+
+Why not ``model.to(bfloat16)`` or autocast: both send attention through its slow bf16 backward, and
+both cast the small LoRA products too; measured 1.13x and 1.11x a step against the 1.5x here.
+
+A weight stored in bf16 loses its low bits once, at load. A finite difference of two gradients
+at points 1e-3 apart drowns in bf16's rounding of every activation, so PF2LoRA's and Per-FedAvg's
+finite-difference step defaults to one sized for the dtype (:data:`FD_RELATIVE`); the difference
+itself, like the loss, is computed in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from pf2lora.config import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHOICES = ("auto", *DTYPES)
+
+
+def fast_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bf16 matrix products natively (faster than fp32): a CUDA GPU of
+    compute capability 8.0 or newer (Ampere, Hopper, ...), or a CPU with AVX-512 BF16 or AMX."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        cpu = torch.cpu
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The dtype ``model.dtype`` names; ``auto`` is bf16 where :func:`fast_bf16`, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {', '.join(CHOICES)}, not {name!r}")
+    return DTYPES[name]
+
+
+# PF2LoRA's and Per-FedAvg's finite-difference step (the norm of the perturbation) where
+# train.fd_epsilon is None: 1e-3 with an fp32 base; with a low-precision one a share of the norm of
+# the point it perturbs (at least 1), since bf16 rounds every activation to 3 significant digits and
+# a perturbation must move them by more than that. Measured against the exact fp32 hypergradient
+# (cosine) on the bundled encoder (||y|| = 2.8): fp32 at 1e-3 0.99999995; bf16 at 1e-3 0.985, at
+# 1e-2 ||y|| 0.99996, at 2e-2 ||y|| 0.99985; fp16 at 1e-3 0.99855, at 1e-2 (3.5e-3 ||y||) 0.99998.
+# On a tiny encoder at points with ||y|| = 5 and 16, bf16 at 1e-2 ||y||: 0.99996 and 0.99948,
+# where a fixed 3e-2 gave 0.98815 at the second.
+FD_EPSILON = 1e-3
+FD_RELATIVE = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
+
+
+def fd_epsilon(configured: float | None, model: object, point_norm: float) -> float:
+    """``train.fd_epsilon``, or where it is None the step for the dtype ``model`` computes in
+    (``point_norm``: the norm of the tensors the difference perturbs)."""
+    if configured is not None:
+        return configured
+    relative = FD_RELATIVE.get(getattr(model, "dtype", torch.float32))
+    return FD_EPSILON if relative is None else relative * max(float(point_norm), 1.0)
+
+
+class _Cast:
+    """Mixed into a linear layer's class: computes in its weight's dtype; returns ``output_dtype``
+    (the dtype it was loaded in, fp32), or the low dtype where ``output_dtype`` is None (the first half of an MLP,
+    whose output only feeds an activation and the second half: see :data:`MLP_PAIRS`)."""
+
+    output_dtype: torch.dtype | None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x.to(self.weight.dtype))
+        return out if self.output_dtype is None else out.to(self.output_dtype)
+
+
+class CastLinear(_Cast, nn.Linear):
+    """``nn.Linear`` whose weight is stored in a lower dtype than its input (PEFT still sees an
+    ``nn.Linear`` and adapts it as usual)."""
+
+
+_CAST_CLASSES: dict[type, type] = {nn.Linear: CastLinear}
+
+# An MLP's first layer(s) and its second, by module name within a block: the first's output goes
+# through the activation (and the gate's product) in the low dtype straight into the second, instead
+# of out to fp32 and back (2 of the 4 largest casts of a step). PyTorch computes a bf16 activation
+# in fp32 and rounds once, so the second layer's input is what it would be from fp32.
+MLP_PAIRS = {
+    "intermediate.dense": "output.dense",  # BERT, RoBERTa, DeBERTa, ELECTRA
+    "gate_proj": "down_proj",  # Llama, Mistral, Qwen, SmolLM
+    "up_proj": "down_proj",
+    "c_fc": "c_proj",  # GPT-2
+    "fc1": "fc2",  # OPT, Phi
+}
+
+
+def _cast_class(cls: type) -> type | None:
+    if cls in _CAST_CLASSES:
+        return _CAST_CLASSES[cls]
+    from transformers.pytorch_utils import Conv1D
+
+    if cls is Conv1D:
+        cast = type("CastConv1D", (_Cast, Conv1D), {"__module__": __name__, "__qualname__": "CastConv1D"})
+        globals()["CastConv1D"] = _CAST_CLASSES[cls] = cast  # importable by name, so it pickles
+        return cast
+    return None
+
+
+def lower_precision(model: nn.Module, dtype: torch.dtype, keep: Iterable[str] = ()) -> int:
+    """Store every linear layer's weight and bias in ``dtype`` (in place), except the modules named
+    in ``keep`` and those below them (the task's head, which is trained) and PEFT's adapters
+    (``lora_A``, ``lora_B``: their init is drawn in fp32 first, as without this). A weight shared with
+    another module (a causal LM's output layer tied to its input embeddings) gets its own
+    low-precision copy; the embeddings keep theirs. Returns the number of layers converted."""
+    if dtype == torch.float32:
+        return 0
+    keep = tuple(keep)
+    converted, lowered = 0, {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if any(name == k or name.startswith(k + ".") for k in keep) or any(p.startswith("lora_") for p in parts):
+            continue
+        cls = _cast_class(type(module))
+        if cls is None:
+            continue
+        stream = module.weight.dtype  # what the layer returns: the dtype it was loaded in
+        for attr in ("weight", "bias"):
+            tensor = getattr(module, attr, None)
+            if tensor is not None:
+                setattr(module, attr, nn.Parameter(tensor.detach().to(dtype), requires_grad=False))
+        module.__class__ = cls
+        module.output_dtype = stream
+        converted += 1
+        lowered[name] = module
+    for name, module in lowered.items():  # an MLP's first half feeds its second in the low dtype
+        path = name.removesuffix(".base_layer")
+        for first, second in MLP_PAIRS.items():
+            if path == first or path.endswith("." + first):
+                block = path[: len(path) - len(first)]
+                if block + second in lowered or block + second + ".base_layer" in lowered:
+                    module.output_dtype = None
+    config = getattr(model, "config", None)
+    if converted and config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # transformers must not tie the fp32 embeddings back to it
+    return converted
+
+
+def base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the frozen linear layers compute in (fp32 when none was lowered)."""
+    for module in model.modules():
+        if isinstance(module, _Cast):
+            return module.weight.dtype
+    return torch.float32
