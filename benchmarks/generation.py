@@ -11,6 +11,7 @@ Run as ``python -m benchmarks.generation``; prints one JSON line.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -18,9 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.roofline import weight_bytes
 from pf2lora.config import load_config
 from pf2lora.data.sources import load_bbc_news
 from pf2lora.families.lora import Prepared
@@ -56,7 +60,7 @@ def _fixed_shape(data: GenerationData) -> GenerationData:
     return GenerationData(data.inputs, prompts, ids, lengths, data.pair_input, data.pad_id)
 
 
-def setup(folder: Path) -> Prepared:
+def setup(folder: Path, *overrides: str) -> Prepared:
     cfg = load_config(
         "configs/webnlg.yaml",
         [
@@ -70,6 +74,7 @@ def setup(folder: Path) -> Prepared:
             f"train.batch_size={BATCH}",
             "train.threads=2",
             "train.workers=1",  # in this process: 2 torch threads (unset, the engine forks 1-thread workers)
+            *overrides,
         ],
     )
     prepared = prepare(cfg)
@@ -78,31 +83,126 @@ def setup(folder: Path) -> Prepared:
     return prepared
 
 
-def step_times(prepared: Prepared, repeats: int, steps: int) -> dict[str, float]:
+def step_times(preparations: dict[str, Prepared], repeats: int, steps: int) -> tuple[dict, dict]:
+    """Median seconds and FLOPs per step of HOMLoRA and PF2LoRA, per base dtype (interleaved)."""
     runners = {}
-    for name, mode in (("homlora", "finite_difference"), ("pf2lora", "finite_difference"), ("pf2lora", "first_order")):
-        train = dataclasses.replace(prepared.cfg.train, hypergradient=mode, local_steps=steps)
-        cfg = dataclasses.replace(prepared.cfg, train=train)
-        server, client, _ = build_algorithm(name, cfg, prepared.base_model(), prepared.task)
-        runners[name if name == "homlora" else f"{name}_{mode}"] = (server, client, [client.init_state(0)])
+    for suffix, prepared in preparations.items():
+        for name, mode in (
+            ("homlora", "finite_difference"),
+            ("pf2lora", "finite_difference"),
+            ("pf2lora", "first_order"),
+        ):
+            train = dataclasses.replace(prepared.cfg.train, hypergradient=mode, local_steps=steps)
+            cfg = dataclasses.replace(prepared.cfg, train=train)
+            server, client, _ = build_algorithm(name, cfg, prepared.base_model(), prepared.task)
+            key = (name if name == "homlora" else f"{name}_{mode}") + suffix
+            runners[key] = (server, client, [client.init_state(0)], prepared.data.train[0])
     times: dict[str, list[float]] = {k: [] for k in runners}
+    counted: dict[str, float] = {}
     for r in range(repeats + 1):  # the first round warms up
-        for key, (server, client, state) in runners.items():
+        for key, (server, client, state, data) in runners.items():
             instruction = server.configure_train(r + 1, [0])[0]
+            if r == 0:  # the FLOPs of the warm-up round
+                with FlopCounterMode(display=False) as counter:
+                    _, state[0] = client.train(0, instruction, state[0], data)
+                counted[key] = counter.get_total_flops() / steps
+                continue
             started = time.perf_counter()
-            _, state[0] = client.train(0, instruction, state[0], prepared.data.train[0])
-            if r:
-                times[key].append((time.perf_counter() - started) / steps)
-    return {k: statistics.median(v) for k, v in times.items()}
+            _, state[0] = client.train(0, instruction, state[0], data)
+            times[key].append((time.perf_counter() - started) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}, counted
+
+
+def _client_params(prepared: Prepared) -> tuple[dict, object]:
+    """A PF2LoRA client's parameters (non-zero adapters) and its model."""
+    server, client, model = build_algorithm("pf2lora", prepared.cfg, prepared.base_model(), prepared.task)
+    params = {**server.configure_evaluate(1, [0])[0].params, **client.init_state(0)["personal"]}
+    g = torch.Generator().manual_seed(0)
+    params = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in params.items()}
+    model.train(False)
+    return params, model
+
+
+def decoding(prepared: Prepared, repeats: int) -> dict[str, float]:
+    """Batch-1 greedy decoding through a PF2LoRA client's adapters: new tokens per second, and the
+    bound the weights' memory traffic puts on it (each token reads every weight once)."""
+    params, model = _client_params(prepared)
+    data = prepared.data.test[0]
+    batch = data.prompt_batch([0], model.device)
+    seconds = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        with torch.no_grad():
+            ids = model.generate(
+                params,
+                **batch,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=data.pad_id,
+            )
+        seconds.append(time.perf_counter() - started)
+    new = ids.shape[1] - batch["input_ids"].shape[1]
+    return {"tokens_per_second": new / statistics.median(seconds[1:]), "weight_bytes": weight_bytes(model.model)}
+
+
+def webnlg_inputs(n: int) -> pd.DataFrame:
+    """``n`` WebNLG-style inputs: 1 to 5 triples ``subject | property | object`` joined with `` ; ``,
+    built from words of the bundled BBC News articles (WebNLG's own data needs a download)."""
+    words = [w.strip(".,\"'()") for t in load_bbc_news()["text"].head(200) for w in str(t).split()]
+    names = [w for w in words if w[:1].isupper() and len(w) > 3][:4000]
+    properties = ["location", "birthPlace", "country", "leader", "capital", "genre", "starring", "club", "language"]
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        triples = [
+            f"{'_'.join(rng.choice(names, 2))} | {rng.choice(properties)} | {'_'.join(rng.choice(names, 2))}"
+            for _ in range(int(rng.integers(1, 6)))
+        ]
+        rows.append({"source": " ; ".join(triples), "references": ["A reference sentence."], "key": str(i % 4)})
+    return pd.DataFrame(rows)
+
+
+def evaluation(folder: Path, inputs: int, repeats: int = 1) -> dict[str, dict[str, float]]:
+    """Beam-search evaluation (4 beams, up to 96 new tokens, the WebNLG decoding settings) of
+    ``inputs`` WebNLG-style inputs through a PF2LoRA client's model, in inputs per second:
+    ``before`` as evaluation ran before the bf16 base (fp32, through the adapters, batches of
+    ``eval_batch_size // num_beams`` inputs in their order), then ``evaluate`` with an fp32 base
+    (adapters folded into the weights, batches of task.eval_tokens tokens) and a bf16 base."""
+    from pf2lora.adapters.two_level import ModelAt
+    from pf2lora.tasks.generation import encode
+
+    frame = webnlg_inputs(inputs)
+    out: dict[str, dict[str, float]] = {}
+    for label, dtype in (("before", "float32"), ("fp32", "float32"), ("bf16", "bfloat16")):
+        prepared = setup(folder, f"model.dtype={dtype}", "task.num_beams=4", "task.max_new_tokens=96")
+        params, model = _client_params(prepared)
+        data = encode(frame, prepared.task.tokenizer, 256)
+        batch_size = prepared.cfg.train.eval_batch_size
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            if label == "before":
+                task, width = prepared.task, max(1, batch_size // 4)
+                forward = ModelAt(functools.partial(model.outputs, params), functools.partial(model.generate, params))
+                with torch.no_grad():
+                    for first in range(0, len(data), batch_size):
+                        b = data.batch(list(range(first, min(first + batch_size, len(data)))))
+                        task.loss(forward(b), b, reduction="sum")
+                    for first in range(0, data.num_inputs, width):
+                        task.generate(
+                            forward, data, list(range(first, min(first + width, data.num_inputs))), model.device
+                        )
+            else:
+                model.evaluate(params, data, batch_size)
+            seconds.append(time.perf_counter() - started)
+        out[label] = {"inputs_per_second": inputs / statistics.median(seconds), "seconds": statistics.median(seconds)}
+    return out
 
 
 def throughput(prepared: Prepared, repeats: int, prompts: int) -> dict[str, float]:
     """New tokens per second through a PF2LoRA client's adapters, with and without the KV cache."""
-    server, client, model = build_algorithm("pf2lora", prepared.cfg, prepared.base_model(), prepared.task)
-    params = {**server.configure_evaluate(1, [0])[0].params, **client.init_state(0)["personal"]}
-    g = torch.Generator().manual_seed(0)
-    params = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in params.items()}  # non-zero adapters
-    model.train(False)
+    params, model = _client_params(prepared)
     data = prepared.data.test[0]
     batch = data.prompt_batch(list(range(min(prompts, data.num_inputs))), model.device)
     out: dict[str, float] = {}
@@ -129,20 +229,45 @@ def throughput(prepared: Prepared, repeats: int, prompts: int) -> dict[str, floa
 
 
 def main() -> None:
+    from benchmarks.roofline import memory_bandwidth
+
     repeats = int(os.environ.get("BENCH_REPEATS", "3"))
     with tempfile.TemporaryDirectory() as folder:
-        prepared = setup(Path(folder))
-        times = step_times(prepared, repeats=repeats, steps=2)
-        tokens = throughput(prepared, repeats=max(1, repeats // 2), prompts=int(os.environ.get("BENCH_PROMPTS", "4")))
+        preparations = {"": setup(Path(folder)), "_bf16": setup(Path(folder), "model.dtype=bfloat16")}
+        times, counted = step_times(preparations, repeats=repeats, steps=2)
+        tokens = throughput(
+            preparations[""], repeats=max(1, repeats // 2), prompts=int(os.environ.get("BENCH_PROMPTS", "4"))
+        )
+        bandwidth = memory_bandwidth()
+        decode = {}
+        for suffix, prepared in preparations.items():
+            d = decoding(prepared, repeats)
+            d["bandwidth_bound_tokens_per_second"] = bandwidth * 1e9 / d["weight_bytes"]
+            d["fraction_of_bound"] = d["tokens_per_second"] / d["bandwidth_bound_tokens_per_second"]
+            decode["fp32" if not suffix else "bf16"] = d
+        evaluated = evaluation(Path(folder), int(os.environ.get("BENCH_EVAL_INPUTS", "32")))
     print(
         json.dumps(
             {
                 "setup": f"SmolLM2-135M (bundled-lm), LoRA r=4 / r~=2 on q_proj+v_proj, "
                 f"batch {BATCH} x {SOURCE + TARGET} tokens, 2 threads",
                 "step_seconds": times,
-                "step_ratio_to_homlora": {k: v / times["homlora"] for k, v in times.items()},
+                "step_ratio_to_homlora": {k: v / times["homlora"] for k, v in times.items() if not k.endswith("_bf16")},
+                "step_ratio_to_homlora_bf16": {
+                    k: v / times["homlora_bf16"] for k, v in times.items() if k.endswith("_bf16")
+                },
+                "bf16_speedup": {k: times[k] / times[f"{k}_bf16"] for k in times if not k.endswith("_bf16")},
+                "step_gflop": {k: v / 1e9 for k, v in counted.items()},
+                "step_gflops_achieved": {k: counted[k] / times[k] / 1e9 for k in times},
                 "generation_tokens_per_second": tokens,
                 "kv_cache_speedup": {b: tokens[f"{b}_cache"] / tokens[f"{b}_no_cache"] for b in ("beams1", "beams4")},
+                "memory_gb_per_s": bandwidth,
+                "decoding_batch1": decode,
+                "beam_search_evaluation": evaluated,
+                "evaluation_speedup": {
+                    k: evaluated[k]["inputs_per_second"] / evaluated["before"]["inputs_per_second"]
+                    for k in ("fp32", "bf16")
+                },
             }
         )
     )

@@ -39,16 +39,68 @@ def payload_sizes() -> dict[str, float]:
     return sizes
 
 
+SECTIONS = ("steps", "memory", "scale", "workers", "deployment", "causal_lm")
+
+
 def main() -> None:
+    """Every section, or those ``BENCH_SECTIONS`` names (comma-separated): their results replace
+    those of the last run in ``results.json``, which records the commit each section was measured at."""
+    chosen = [x for x in os.environ.get("BENCH_SECTIONS", ",".join(SECTIONS)).split(",") if x]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"BENCH_SECTIONS: unknown section(s) {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
+    path = HERE / "results.json"
+    results = json.loads(path.read_text()) if path.exists() and len(chosen) < len(SECTIONS) else {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    measured = results.setdefault("measured_at", {})
+    for section in chosen:
+        print(f"== {section}", flush=True)
+        results.update(globals()[f"_{section}"]())
+        measured[section] = commit.strip() or "unknown"
+    path.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def _steps() -> dict:
+    from benchmarks.roofline import matmul_peaks, memory_bandwidth
     from benchmarks.steps import hypergradient_agreement, step_times
 
     repeats = int(os.environ.get("BENCH_REPEATS", "5"))
-    scale_sizes = [int(n) for n in os.environ.get("BENCH_CLIENTS", "10,100,1000").split(",")]
-    print("step times (interleaved)...", flush=True)
-    times, faults = step_times(repeats=repeats, steps=8)
+    print("machine peaks: matrix products (fp32, bf16) and memory bandwidth...", flush=True)
+    peaks, bandwidth = matmul_peaks(), memory_bandwidth()
+    print("step times (interleaved; fp32 and bf16 base)...", flush=True)
+    times, faults, counted = step_times(repeats=repeats, steps=8)
     home = times["homlora"]
     print("hypergradient agreement...", flush=True)
     cosine = hypergradient_agreement()
+    achieved = {k: counted[k] / times[k] / 1e9 for k in times}
+    return {
+        "setup": "all-MiniLM-L6-v2, LoRA r=8 / r~=2 on query+value, batch 16 x 64 tokens, 2 CPU threads",
+        "step_seconds": times,
+        "step_ratio_to_homlora": {k: v / home for k, v in times.items()},
+        "homlora_over_bare_peft": home / times["bare_peft"],
+        "homlora_over_bare_peft_bf16": times["homlora_bf16"] / times["bare_peft_bf16"],
+        "bf16_speedup": {
+            k: times[k] / times[f"{k}_bf16"]
+            for k in ("homlora", "bare_peft", "pf2lora_first_order", "pf2lora_finite_difference")
+        },
+        "step_page_faults": faults,
+        "cosine_finite_difference_exact": cosine["finite_difference"],
+        "hypergradient_cosine_to_fp32_exact": cosine,
+        "roofline": {
+            "matmul_gflops": peaks,
+            "memory_gb_per_s": bandwidth,
+            "step_gflop": {k: v / 1e9 for k, v in counted.items()},
+            "step_gflops_achieved": achieved,
+            "step_fraction_of_peak": {
+                k: v / peaks["bfloat16" if k.endswith("_bf16") else "float32"]["peak"] for k, v in achieved.items()
+            },
+            "step_fraction_of_bf16_peak": {k: v / peaks["bfloat16"]["peak"] for k, v in achieved.items()},
+        },
+    }
+
+
+def _memory() -> dict:
     print("peak step memory (fresh processes)...", flush=True)
     memory = {
         "homlora": _subprocess("benchmarks.memory", "homlora", "finite_difference"),
@@ -57,7 +109,17 @@ def main() -> None:
         },
     }
     print("payload sizes...", flush=True)
-    payloads = payload_sizes()
+    return {
+        "step_peak_memory_bytes": {k: v["step_peak_bytes"] for k, v in memory.items()},
+        "step_peak_memory_ratio_to_homlora": {
+            k: v["step_peak_bytes"] / memory["homlora"]["step_peak_bytes"] for k, v in memory.items()
+        },
+        "payload_bytes_per_client_round_each_way": payload_sizes(),
+    }
+
+
+def _scale() -> dict:
+    scale_sizes = [int(n) for n in os.environ.get("BENCH_CLIENTS", "10,100,1000").split(",")]
     scale = []
     for n in scale_sizes:
         for where in ("memory", "disk") if n == max(scale_sizes) else ("memory",):
@@ -66,40 +128,30 @@ def main() -> None:
     sampled = os.environ.get("BENCH_SAMPLED", "10000,0.01,3").split(",")
     print(f"scale: {sampled[0]} clients, {sampled[1]} of them per round, states on disk...", flush=True)
     scale_sampled = _subprocess("benchmarks.scale", sampled[0], "disk", sampled[1], sampled[2])
-    # glibc's default allocator from here on, as a user's run has it: MALLOC_MMAP_THRESHOLD_ makes
-    # every activation a fresh mapping, which costs two 1-thread workers a third of their speed, and
-    # the causal LM's steps 1.7x (470,000 page faults per HOMLoRA step against 61,000; measured)
-    plain = {k: v for k, v in ENV.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    return {"scale": scale, "memory_per_additional_client": marginal_memory(scale), "scale_sampled": scale_sampled}
+
+
+# glibc's default allocator for the sections below, as a user's run has it: MALLOC_MMAP_THRESHOLD_
+# makes every activation a fresh mapping, which costs two 1-thread workers a third of their speed, and
+# the causal LM's steps 1.7x (470,000 page faults per HOMLoRA step against 61,000; measured)
+PLAIN = {k: v for k, v in ENV.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+
+
+def _workers() -> dict:
     print("local engine: 2 worker processes, 1 worker process, 1 process (fresh processes)...", flush=True)
-    workers = {n: _subprocess("benchmarks.workers", n, "2", env=plain) for n in ("2", "pool1", "1")}
-    workers["ceiling"] = _subprocess("benchmarks.workers", "ceiling", "pf2lora", env=plain)
-    workers_jemalloc = jemalloc_workers(plain)
+    workers = {n: _subprocess("benchmarks.workers", n, "2", env=PLAIN) for n in ("2", "pool1", "1")}
+    workers["ceiling"] = _subprocess("benchmarks.workers", "ceiling", "pf2lora", env=PLAIN)
+    return {"workers": workers, "workers_jemalloc": jemalloc_workers(PLAIN)}
+
+
+def _deployment() -> dict:
     print("deployment on loopback against the local engine...", flush=True)
-    deployment = _subprocess("benchmarks.deployment", os.environ.get("BENCH_SITES", "shared,fork"), env=plain)
-    print("causal LM: step times and generation throughput (fresh process)...", flush=True)
-    causal_lm = _subprocess("benchmarks.generation", env=plain)
-    results = {
-        "setup": "all-MiniLM-L6-v2, LoRA r=8 / r~=2 on query+value, batch 16 x 64 tokens, 2 CPU threads",
-        "step_seconds": times,
-        "step_ratio_to_homlora": {k: v / home for k, v in times.items()},
-        "homlora_over_bare_peft": home / times["bare_peft"],
-        "step_page_faults": faults,
-        "cosine_finite_difference_exact": cosine,
-        "step_peak_memory_bytes": {k: v["step_peak_bytes"] for k, v in memory.items()},
-        "step_peak_memory_ratio_to_homlora": {
-            k: v["step_peak_bytes"] / memory["homlora"]["step_peak_bytes"] for k, v in memory.items()
-        },
-        "payload_bytes_per_client_round_each_way": payloads,
-        "scale": scale,
-        "memory_per_additional_client": marginal_memory(scale),
-        "scale_sampled": scale_sampled,
-        "workers": workers,
-        "workers_jemalloc": workers_jemalloc,
-        "deployment": deployment,
-        "causal_lm": causal_lm,
-    }
-    (HERE / "results.json").write_text(json.dumps(results, indent=2))
-    print_table(results)
+    return {"deployment": _subprocess("benchmarks.deployment", os.environ.get("BENCH_SITES", "shared,fork"), env=PLAIN)}
+
+
+def _causal_lm() -> dict:
+    print("causal LM: steps, generation and beam-search evaluation, fp32 and bf16 (fresh process)...", flush=True)
+    return {"causal_lm": _subprocess("benchmarks.generation", env=PLAIN)}
 
 
 def jemalloc_workers(env: dict[str, str]) -> dict:
@@ -135,6 +187,55 @@ def marginal_memory(scale: list[dict]) -> list[dict]:
     ]
 
 
+def _bf16_rows(r: dict) -> list[tuple[str, str, str]]:
+    """The bf16 base against the fp32 one, and the roofline: each step's share of the machine's peak."""
+    rows = []
+    speedup = r.get("bf16_speedup", {})
+    for key, label, target in (
+        ("homlora", "HOMLoRA step, fp32 base / bf16 base", ">= 1.5x"),
+        ("pf2lora_first_order", "PF2LoRA first_order step, fp32 base / bf16 base", ">= 1.5x"),
+        ("pf2lora_finite_difference", "PF2LoRA finite_difference step, fp32 base / bf16 base", "reported"),
+        ("bare_peft", "bare PEFT step, fp32 / bf16 autocast", "reported"),
+    ):
+        if key in speedup:
+            rows.append((label, f"{speedup[key]:.2f}x", target))
+    if "homlora_over_bare_peft_bf16" in r:
+        rows.append(
+            (
+                "HOMLoRA bf16 base step / bare PEFT bf16-autocast step",
+                f"{r['homlora_over_bare_peft_bf16']:.2f}x",
+                "<= 1.10x",
+            )
+        )
+    cosine = r.get("hypergradient_cosine_to_fp32_exact", {})
+    for key in ("finite_difference_bf16", "exact_bf16"):
+        if key in cosine:
+            rows.append(
+                (f"cosine({key.removesuffix('_bf16')} with bf16 base, fp32 exact)", f"{cosine[key]:.7f}", ">= 0.999")
+            )
+    roof = r.get("roofline")
+    if roof:
+        mm, bw = roof["matmul_gflops"], roof["memory_gb_per_s"]
+        rows.append(
+            (
+                "machine: matmul peak fp32 / bf16 (GFLOP/s), memory (GB/s)",
+                f"{mm['float32']['peak']:.0f} / {mm['bfloat16']['peak']:.0f}, {bw:.0f}",
+                "measured",
+            )
+        )
+        for key in ("bare_peft", "homlora", "pf2lora_first_order", "homlora_bf16", "pf2lora_first_order_bf16"):
+            if key in roof["step_gflops_achieved"]:
+                rows.append(
+                    (
+                        f"  {key} step: GFLOP, GFLOP/s, share of its dtype's / bf16 peak",
+                        f"{roof['step_gflop'][key]:.1f}, {roof['step_gflops_achieved'][key]:.0f}, "
+                        f"{roof['step_fraction_of_peak'][key]:.0%} / {roof['step_fraction_of_bf16_peak'][key]:.0%}",
+                        "reported",
+                    )
+                )
+    return rows
+
+
 def print_table(r: dict) -> None:
     ratio, mem = r["step_ratio_to_homlora"], r["step_peak_memory_ratio_to_homlora"]
     biggest = max(r["scale"], key=lambda s: (s["clients"], s["client_state"] == "memory"))
@@ -150,6 +251,9 @@ def print_table(r: dict) -> None:
             "reported",
         ),
         ("cosine(finite_difference, exact)", f"{r['cosine_finite_difference_exact']:.7f}", ">= 0.999"),
+    ]
+    rows += _bf16_rows(r)
+    rows += [
         ("PF2LoRA fd peak step memory / HOMLoRA", f"{mem['pf2lora_finite_difference']:.2f}x", "<= 1.3x"),
         ("PF2LoRA first_order peak step memory / HOMLoRA", f"{mem['pf2lora_first_order']:.2f}x", "reported"),
     ]
@@ -279,6 +383,35 @@ def print_table(r: dict) -> None:
                 "<= 2.1x",
             ),
         ]
+        for key, label in (("homlora", "HOMLoRA"), ("pf2lora_first_order", "PF2LoRA first_order")):
+            if key in lm.get("bf16_speedup", {}):
+                rows.append(
+                    (f"causal LM: {label} step, fp32 base / bf16 base", f"{lm['bf16_speedup'][key]:.2f}x", "reported")
+                )
+        for dtype, d in lm.get("decoding_batch1", {}).items():
+            rows.append(
+                (
+                    f"causal LM batch-1 greedy decoding, {dtype} base: tokens/s, bandwidth bound",
+                    f"{d['tokens_per_second']:.0f} / {d['bandwidth_bound_tokens_per_second']:.0f}",
+                    "reported",
+                )
+            )
+        evaluated = lm.get("beam_search_evaluation")
+        if evaluated:
+            rows.append(
+                (
+                    "causal LM beam-search evaluation (4 beams): inputs/s before / fp32 / bf16",
+                    " / ".join(f"{evaluated[k]['inputs_per_second']:.2f}" for k in ("before", "fp32", "bf16")),
+                    "reported",
+                )
+            )
+            rows.append(
+                (
+                    "  evaluation speed-up over before, fp32 base / bf16 base",
+                    f"{lm['evaluation_speedup']['fp32']:.2f}x / {lm['evaluation_speedup']['bf16']:.2f}x",
+                    ">= 3x",
+                )
+            )
         for beams in ("beams1", "beams4"):
             rows.append(
                 (

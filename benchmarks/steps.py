@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from peft import LoraConfig, get_peft_model
 
+from benchmarks.roofline import flops
 from pf2lora.config import load_config
 from pf2lora.families.lora import Prepared
 from pf2lora.methods import build_algorithm
@@ -64,8 +65,9 @@ def _client_runner(prepared: Prepared, name: str, mode: str, steps: int) -> Call
     return run
 
 
-def _bare_peft_runner(prepared: Prepared, steps: int) -> Callable[[], float]:
-    """The step a user writes by hand: PEFT LoRA (r, alpha, targets as configured) + the head."""
+def _bare_peft_runner(prepared: Prepared, steps: int, autocast: bool = False) -> Callable[[], float]:
+    """The step a user writes by hand: PEFT LoRA (r, alpha, targets as configured) + the head;
+    ``autocast``: under ``torch.autocast`` in bf16, how a user lowers that step's precision."""
     cfg = prepared.cfg
     base = prepared.base_model()
     lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.lora_alpha, target_modules=cfg.lora.target_modules)
@@ -86,7 +88,8 @@ def _bare_peft_runner(prepared: Prepared, steps: int) -> Callable[[], float]:
             idx = [order[(position + i) % len(order)] for i in range(b)]
             position += b
             batch = data.batch(idx)
-            loss = model(**batch).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**batch).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -95,9 +98,11 @@ def _bare_peft_runner(prepared: Prepared, steps: int) -> Callable[[], float]:
     return run
 
 
-def step_times(repeats: int = 5, steps: int = 5) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds and minor page faults per step of every method, measured interleaved."""
-    prepared = setup([])
+def step_times(repeats: int = 5, steps: int = 5) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Median seconds, minor page faults and FLOPs per step of every method, measured interleaved;
+    ``_bf16`` rows: the same with the base in bf16 (``model.dtype=bfloat16``; the bare PEFT step
+    under bf16 autocast)."""
+    prepared, low = setup([]), setup(["model.dtype=bfloat16"])
     runners = {
         "homlora": _client_runner(prepared, "homlora", "finite_difference", steps),
         "bare_peft": _bare_peft_runner(prepared, steps),
@@ -105,9 +110,14 @@ def step_times(repeats: int = 5, steps: int = 5) -> tuple[dict[str, float], dict
         "pf2lora_first_order": _client_runner(prepared, "pf2lora", "first_order", steps),
         "pf2lora_exact": _client_runner(prepared, "pf2lora", "exact", steps),
         "pf2lora_joint": _client_runner(prepared, "pf2lora", "joint", steps),
+        "homlora_bf16": _client_runner(low, "homlora", "finite_difference", steps),
+        "bare_peft_bf16": _bare_peft_runner(prepared, steps, autocast=True),
+        "pf2lora_finite_difference_bf16": _client_runner(low, "pf2lora", "finite_difference", steps),
+        "pf2lora_first_order_bf16": _client_runner(low, "pf2lora", "first_order", steps),
     }
     for run in runners.values():  # warm-up: allocator, kernels
         run()
+    counted = {k: flops(run) / steps for k, run in runners.items()}
     samples: dict[str, list[float]] = {k: [] for k in runners}
     faults: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(repeats):
@@ -115,25 +125,35 @@ def step_times(repeats: int = 5, steps: int = 5) -> tuple[dict[str, float], dict
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             samples[name].append(run())
             faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps)
-    return {k: statistics.median(v) for k, v in samples.items()}, {k: statistics.median(v) for k, v in faults.items()}
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    return medians, {k: statistics.median(v) for k, v in faults.items()}, counted
 
 
-def hypergradient_agreement() -> float:
-    """Cosine similarity of the finite-difference and exact hypergradients on the bundled model,
-    at a point reached by a few PF2LoRA steps (so the personal adapter is non-zero)."""
-    prepared = setup(["train.lower_lr=1.0"])
-    cfg = dataclasses.replace(prepared.cfg, train=dataclasses.replace(prepared.cfg.train, local_steps=5))
-    server, client, model = build_algorithm("pf2lora", cfg, prepared.base_model(), prepared.task)
-    data = prepared.data.train[0]
-    result, state = client.train(0, server.configure_train(1, [0])[0], client.init_state(0), data)
-    x, y = result.params, state["personal"]
-    both = data.batch(list(range(2 * cfg.train.batch_size)))
-    pi = {k: v[: cfg.train.batch_size] for k, v in both.items()}
-    xi = {k: v[cfg.train.batch_size :] for k, v in both.items()}
-    model.train(False)  # no dropout: the two modes see exactly the same function
-    grads = []
-    for mode in ("exact", "finite_difference"):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in x.items()}
-        _, h, _ = client.bilevel_step(leaves, y, pi, xi, None, mode)
-        grads.append(torch.cat([h[k].flatten() for k in sorted(h)]).double())
-    return float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
+def hypergradient_agreement() -> dict[str, float]:
+    """Cosine similarity with the exact fp32 hypergradient on the bundled model, at a point reached
+    by a few PF2LoRA steps (so the personal adapter is non-zero): the finite-difference one in
+    fp32, and the finite-difference and exact ones with the base in bf16 (at the same x, y)."""
+    out = {}
+    reference, x, y = None, None, None
+    for dtype, modes in (("float32", ("exact", "finite_difference")), ("bfloat16", ("finite_difference", "exact"))):
+        prepared = setup(["train.lower_lr=1.0", f"model.dtype={dtype}"])
+        cfg = dataclasses.replace(prepared.cfg, train=dataclasses.replace(prepared.cfg.train, local_steps=5))
+        server, client, model = build_algorithm("pf2lora", cfg, prepared.base_model(), prepared.task)
+        data = prepared.data.train[0]
+        if x is None:
+            result, state = client.train(0, server.configure_train(1, [0])[0], client.init_state(0), data)
+            x, y = result.params, state["personal"]
+        both = data.batch(list(range(2 * cfg.train.batch_size)))
+        pi = {k: v[: cfg.train.batch_size] for k, v in both.items()}
+        xi = {k: v[cfg.train.batch_size :] for k, v in both.items()}
+        model.train(False)  # no dropout: the two modes see exactly the same function
+        for mode in modes:
+            leaves = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+            _, h, _ = client.bilevel_step(leaves, y, pi, xi, None, mode)
+            grad = torch.cat([h[k].flatten() for k in sorted(h)]).double()
+            if reference is None:
+                reference = grad
+                continue
+            key = mode if dtype == "float32" else f"{mode}_bf16"
+            out[key] = float(torch.nn.functional.cosine_similarity(reference, grad, dim=0))
+    return out

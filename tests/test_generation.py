@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -415,6 +416,55 @@ def test_beam_search_through_adapters_equals_exported_peft_adapter(kind, tmp_pat
     # and the adapters matter: the base model alone generates something else
     base = tiny_lm(kind, len(tokenizer)).eval()
     assert task.generate(ModelAt(None, base.generate), data, [0, 1, 2, 3], torch.device("cpu")) != ours
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_evaluation_through_merged_weights_equals_the_adapters(kind, tmp_path):
+    """A full-precision base evaluates with the adapters folded into its weights: the same
+    generations and metrics as through the adapters, in token-sized batches of any size."""
+    from pf2lora.adapters.two_level import ModelAt, TwoLevelModel
+    from pf2lora.tasks.base import token_batches
+
+    tokenizer = word_tokenizer(_corpus())
+    targets = ["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"]
+    model = TwoLevelModel(
+        tiny_lm(kind, len(tokenizer)),
+        Generation(TaskConfig(name="generation", num_beams=3, max_new_tokens=6), tokenizer, 0),
+        targets,
+        4,
+        8,
+        personal_rank=2,
+        personal_lora_alpha=4,
+    )
+    g = torch.Generator().manual_seed(0)
+    params = {**model.initial_common(), **model.initial_personal(g)}
+    params = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in params.items()}
+    frame = gen_data._grouped(gen_data.read_e2e_csv_frame(pd.DataFrame(e2e_rows())))
+    data = encode(frame.iloc[:6], tokenizer, 64)
+    model.train(False)
+    adapters = ModelAt(partial(model.outputs, params), partial(model.generate, params))
+    results = []
+    for tokens in (10**6, 60):  # one batch, then batches of one or two inputs
+        task = Generation(TaskConfig(num_beams=3, max_new_tokens=6, eval_tokens=tokens), tokenizer, 0)
+        model.task = task
+        assert len(token_batches([len(p) for p in data.prompts], tokens, 3, 6)) == (1 if tokens > 1000 else 6)
+        merged = model.evaluate(params, data, 4, tmp_path / f"merged{tokens}.jsonl")
+        through = task.evaluate(adapters, data, 4, torch.device("cpu"), tmp_path / f"adapters{tokens}.jsonl")
+        assert (tmp_path / f"merged{tokens}.jsonl").read_text() == (tmp_path / f"adapters{tokens}.jsonl").read_text()
+        assert merged == pytest.approx(through, rel=1e-5)
+        results.append(merged)
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
+
+
+def test_token_batches_group_longest_first_within_the_budget():
+    from pf2lora.tasks.base import token_batches
+
+    lengths = [3, 9, 5, 9, 1]
+    assert token_batches(lengths, 18) == [[1, 3], [2, 0, 4]]  # 2 x 9 tokens; then 3 padded to 5 tokens
+    assert token_batches(lengths, 18, max_items=1) == [[1], [3], [2], [0], [4]]
+    assert token_batches(lengths, 100, rows_per_item=2, extra=10) == [[1, 3], [2, 0, 4]]  # 2 rows of 19 each
+    assert token_batches(lengths, 1) == [[1], [3], [2], [0], [4]]  # at least one item a batch
+    assert token_batches([], 10) == []
 
 
 # --- the CLI -----------------------------------------------------------------------------------

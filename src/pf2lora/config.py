@@ -62,6 +62,11 @@ class TaskConfig:
     max_new_tokens: int = _help("generation: most tokens generated per input", 64)
     length_penalty: float = _help("generation: beam search's length penalty (LoRA's E2E decoding: 0.9)", 0.9)
     no_repeat_ngram_size: int = _help("generation: no n-gram of this size twice in an output (0: off)", 4)
+    eval_tokens: int = _help(
+        "qa, generation: most tokens in one evaluation batch (inputs sorted by length; a beam search counts every "
+        "beam, its prompt and max_new_tokens); train.eval_batch_size still caps QA windows and loss batches",
+        32768,
+    )
 
 
 @dataclass
@@ -347,7 +352,7 @@ class ExperimentConfig:
             tk.name != "qa" or tk.stride is None or tk.stride < self.model.max_length,
             f"task.stride ({tk.stride}) must be smaller than model.max_length ({self.model.max_length})",
         )
-        for key in ("n_best", "max_answer_length", "num_beams", "max_new_tokens"):
+        for key in ("n_best", "max_answer_length", "num_beams", "max_new_tokens", "eval_tokens"):
             _check(getattr(tk, key) >= 1, f"task.{key} must be >= 1, got {getattr(tk, key)}")
         _check(tk.length_penalty > 0, f"task.length_penalty must be > 0, got {tk.length_penalty}")
         _check(tk.no_repeat_ngram_size >= 0, f"task.no_repeat_ngram_size must be >= 0, got {tk.no_repeat_ngram_size}")

@@ -296,11 +296,41 @@ class TwoLevelModel:
         peft = {f"model.{n}": t for n, t in self.peft_params(params).items()}
         return functional_call(_Generate(self.model), peft, args=(), kwargs=kwargs, strict=False)
 
+    def merged_params(self, params: Params) -> Params:
+        """The module's tensors with the client's adapters folded into the frozen weights
+        (``W + s B A + s~ D C``, a ``base_delta`` included) and its head: the model at ``params``
+        as a plain model computes it, with the adapters disabled."""
+        lo, peft = self.layout, self.peft_params(params)
+        out = {n: peft[n] for n in lo.head_names}
+        scale = 1.0 if lo.personal_rank else lo.scaling  # the fused adapter carries s and s~ in B
+        for m in lo.modules:
+            weight = peft.get(f"{m}.base_layer.weight", self._frozen_weight(m))
+            delta = scale * (peft[f"{m}.lora_B.default.weight"] @ peft[f"{m}.lora_A.default.weight"])
+            out[f"{m}.base_layer.weight"] = weight + (delta.T if lo.fan_in_fan_out else delta).to(weight.dtype)
+        return out
+
     def evaluate(self, params: Params, data: Any, batch_size: int, record: Path | None = None) -> dict[str, float]:
         """The task's metrics of the model at ``params`` on ``data`` (computed where the data is);
-        ``record``: a file for the task's per-example outputs (e.g. generated text), if it keeps any."""
-        model = ModelAt(partial(self.outputs, params), partial(self.generate, params))
-        return self.task.evaluate(model, data, batch_size, self.device, record)
+        ``record``: a file for the task's per-example outputs (e.g. generated text), if it keeps any.
+
+        With a full-precision base the adapters are folded into the frozen weights once, so each
+        forward pass (each generated token) runs the plain model, without the adapters' products;
+        a bf16 weight would round most of a LoRA update away, so a low-precision base keeps them."""
+        if self.dtype not in (torch.float32, torch.float64):
+            model = ModelAt(partial(self.outputs, params), partial(self.generate, params))
+            return self.task.evaluate(model, data, batch_size, self.device, record)
+        merged = self.merged_params(params)
+        with self.model.disable_adapter():
+            model = ModelAt(partial(self._plain_outputs, merged), partial(self._plain_generate, merged))
+            return self.task.evaluate(model, data, batch_size, self.device, record)
+
+    def _plain_outputs(self, merged: Params, batch: Batch) -> Any:
+        inputs = self.task.model_inputs(batch)
+        return functional_call(self.model, merged, args=(), kwargs=inputs, strict=False)
+
+    def _plain_generate(self, merged: Params, **kwargs: Any) -> Tensor:
+        tensors = {f"model.{n}": t for n, t in merged.items()}
+        return functional_call(_Generate(self.model), tensors, args=(), kwargs=kwargs, strict=False)
 
 
 class _Generate(nn.Module):

@@ -76,6 +76,27 @@ class Task(ABC):
         return {k: v for k, v in batch.items() if k in self.input_names}
 
 
+def token_batches(
+    lengths: list[int], tokens: int, rows_per_item: int = 1, extra: int = 0, max_items: int | None = None
+) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into evaluation batches of at most ``tokens`` tokens each:
+    longest first (the largest batch's memory is known at once, and each batch pads little), an
+    item counting ``rows_per_item`` rows (a beam search's beams) of its length plus ``extra`` (the
+    tokens it will generate); at most ``max_items`` items a batch, at least one."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            batch = batches[-1]
+            longest = lengths[batch[0]] + extra  # sorted: the first is the longest
+            fits = (len(batch) + 1) * rows_per_item * longest <= tokens
+            if fits and (max_items is None or len(batch) < max_items):
+                batch.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
 def find_head(model: nn.Module, candidates: tuple[str, ...]) -> list[str]:
     """Names of the task head's parameters: those under the first top-level module in
     ``candidates`` that the model has (PEFT's convention: ``classifier`` / ``score``, ``qa_outputs``).

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from pf2lora.config import ConfigError, ExperimentConfig, TaskConfig
 from pf2lora.data.generation import load_generation
 from pf2lora.data.text import FederatedData, client_splits, lazy_clients
-from pf2lora.tasks.base import Batch, Forward, Task
+from pf2lora.tasks.base import Batch, Forward, Task, token_batches
 from pf2lora.tasks.text_metrics import METRICS, score_all
 from pf2lora.utils import write_jsonl
 
@@ -277,13 +277,16 @@ class Generation(Task):
         """The loss over the client's pairs, one beam search per input, every metric against all
         references; ``record``: the generations as JSON lines (input, prediction, references)."""
         total = 0.0
-        for first in range(0, len(data), batch_size):
-            batch = data.batch(list(range(first, min(first + batch_size, len(data)))), device)
+        for indices in token_batches([len(i) for i in data.ids], self.cfg.eval_tokens, max_items=batch_size):
+            batch = data.batch(indices, device)
             total += self.loss(forward(batch), batch, reduction="sum").item()
-        predictions: list[str] = []
-        width = max(1, batch_size // self.cfg.num_beams)  # the beams of one batch share its memory
-        for first in range(0, data.num_inputs, width):
-            predictions += self.generate(forward, data, list(range(first, min(first + width, data.num_inputs))), device)
+        # beam search in batches of eval_tokens: every beam of an input holds its prompt and up to
+        # max_new_tokens; inputs of like length together, so that the left padding stays short
+        predictions: list[str] = [""] * data.num_inputs
+        lengths = [len(p) for p in data.prompts]
+        for rows in token_batches(lengths, self.cfg.eval_tokens, self.cfg.num_beams, self.cfg.max_new_tokens):
+            for row, text in zip(rows, self.generate(forward, data, rows, device), strict=True):
+                predictions[row] = text
         references = [list(map(str, r)) for r in data.inputs["references"]]
         scores = score_all(predictions, references)
         if record is not None:

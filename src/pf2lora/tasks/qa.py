@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from pf2lora.config import ConfigError, ExperimentConfig, TaskConfig
 from pf2lora.data.squad import load_squad
 from pf2lora.data.text import FederatedData, client_splits, lazy_clients, pad
-from pf2lora.tasks.base import Batch, Forward, Task
+from pf2lora.tasks.base import Batch, Forward, Task, token_batches
 from pf2lora.tasks.squad_metrics import exact_match, f1_score
 from pf2lora.utils import write_jsonl
 
@@ -244,18 +244,17 @@ class QuestionAnswering(Task):
         """Every window's logits (kept on the client), each question decoded across its windows,
         then the mean exact match and F1 over the client's questions. ``record``: a JSON-lines file
         of each question's id, predicted answer and reference answers."""
-        starts: list[np.ndarray] = []
-        ends: list[np.ndarray] = []
         total = 0.0
-        for first in range(0, len(data), batch_size):
-            indices = list(range(first, min(first + batch_size, len(data))))
+        starts = [np.empty(0)] * len(data)
+        ends = [np.empty(0)] * len(data)
+        for indices in token_batches([len(i) for i in data.ids], self.cfg.eval_tokens, max_items=batch_size):
             batch = data.batch(indices, device)
             outputs = forward(batch)
             total += self.loss(outputs, batch, reduction="sum").item()
             for row, w in enumerate(indices):
                 n = len(data.ids[w])
-                starts.append(outputs.start_logits[row, :n].float().cpu().numpy())
-                ends.append(outputs.end_logits[row, :n].float().cpu().numpy())
+                starts[w] = outputs.start_logits[row, :n].float().cpu().numpy()
+                ends[w] = outputs.end_logits[row, :n].float().cpu().numpy()
         by_question: dict[int, list[int]] = {}
         for w, q in enumerate(data.question):
             by_question.setdefault(int(q), []).append(w)
