@@ -2,15 +2,18 @@
 in bf16 (or fp16), everything trained in fp32.
 
 Each frozen linear layer (``nn.Linear``, GPT-2's ``Conv1D``) stores its weight and bias once in the
-low dtype and computes ``cast(x) @ W^T + b`` in that dtype, its output cast back to the input's
-dtype. The rest of the model stays as loaded: embeddings, layer norms, attention (the scaled
-dot-product of queries and keys runs on the fp32 stream between layers, where PyTorch's CPU flash
-attention is fast; its bf16 backward was measured 4x slower), the task's head, the LoRA factors and
-their optimizer states. So the products that dominate a step (77% of a bare PEFT step here) run on
-the bf16 units, and the loss, the gradients of the trained tensors and the residual stream stay fp32.
+low dtype and computes ``cast(x) @ W^T + b`` in that dtype, its output cast back to the dtype it
+was loaded in. The rest of the model stays as loaded: embeddings, layer norms, attention (PyTorch's
+CPU flash attention has a bf16 backward measured 4x slower than its fp32 one), the task's head,
+the LoRA factors and their optimizer states. So the products with the frozen weights, about
+half of an fp32 step here, run on the bf16 units (4.5x faster in the step), while the loss,
+the gradients of the trained tensors and the residual stream stay fp32.
 
-Why not ``model.to(bfloat16)`` or autocast: both send attention through its slow bf16 backward, and
-both cast the small LoRA products too; measured 1.13x and 1.11x a step against the 1.5x here.
+Why not ``model.to(bfloat16)``: attention's slow bf16 backward (1.13x a step, measured when this
+was planned). bf16 autocast over the fp32 model was measured as fast per step as this (1.50x
+against 1.53x in one ``make bench`` run, 1.11x in an earlier one), but it casts every weight again
+at every call and the adapters' products with them, and PF2LoRA's functional passes would each need
+an autocast region; here the weights are bf16 once, in half the memory.
 
 A weight stored in bf16 loses its low bits once, at load. A finite difference of two gradients
 at points 1e-3 apart drowns in bf16's rounding of every activation, so PF2LoRA's and Per-FedAvg's
