@@ -128,9 +128,18 @@ def decoding(prepared: Prepared, repeats: int) -> dict[str, float]:
     bound the weights' memory traffic puts on it (each token reads every weight once)."""
     params, model = _client_params(prepared)
     data = prepared.data.test[0]
-    batch = data.prompt_batch([0], model.device)
+    with torch.no_grad():  # warm-up
+        model.generate(params, **data.prompt_batch([0], model.device), max_new_tokens=2, pad_token_id=data.pad_id)
+    new, seconds = _timed_generation(model, params, data, [0], repeats)
+    return {"tokens_per_second": new / seconds, "weight_bytes": weight_bytes(model.model)}
+
+
+def _timed_generation(model, params: dict, data, rows: list[int], repeats: int, **kwargs) -> tuple[int, float]:
+    """New tokens of ``generate`` (exactly NEW_TOKENS per sequence, no sampling) over the prompts
+    of ``rows``, and its median seconds over ``repeats`` calls."""
+    batch = data.prompt_batch(rows, model.device)
     seconds = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         started = time.perf_counter()
         with torch.no_grad():
             ids = model.generate(
@@ -140,10 +149,10 @@ def decoding(prepared: Prepared, repeats: int) -> dict[str, float]:
                 min_new_tokens=NEW_TOKENS,
                 do_sample=False,
                 pad_token_id=data.pad_id,
+                **kwargs,
             )
         seconds.append(time.perf_counter() - started)
-    new = ids.shape[1] - batch["input_ids"].shape[1]
-    return {"tokens_per_second": new / statistics.median(seconds[1:]), "weight_bytes": weight_bytes(model.model)}
+    return (ids.shape[1] - batch["input_ids"].shape[1]) * ids.shape[0], statistics.median(seconds)
 
 
 def webnlg_inputs(n: int) -> pd.DataFrame:
@@ -204,27 +213,12 @@ def throughput(prepared: Prepared, repeats: int, prompts: int) -> dict[str, floa
     """New tokens per second through a PF2LoRA client's adapters, with and without the KV cache."""
     params, model = _client_params(prepared)
     data = prepared.data.test[0]
-    batch = data.prompt_batch(list(range(min(prompts, data.num_inputs))), model.device)
+    rows = list(range(min(prompts, data.num_inputs)))
     out: dict[str, float] = {}
     for beams in (1, 4):
         for cache in (True, False):
-            seconds = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                with torch.no_grad():
-                    ids = model.generate(
-                        params,
-                        **batch,
-                        num_beams=beams,
-                        max_new_tokens=NEW_TOKENS,
-                        min_new_tokens=NEW_TOKENS,
-                        use_cache=cache,
-                        do_sample=False,
-                        pad_token_id=data.pad_id,
-                    )
-                seconds.append(time.perf_counter() - started)
-            new = (ids.shape[1] - batch["input_ids"].shape[1]) * ids.shape[0]
-            out[f"beams{beams}_{'cache' if cache else 'no_cache'}"] = new / statistics.median(seconds)
+            new, seconds = _timed_generation(model, params, data, rows, repeats, num_beams=beams, use_cache=cache)
+            out[f"beams{beams}_{'cache' if cache else 'no_cache'}"] = new / seconds
     return out
 
 

@@ -384,13 +384,9 @@ def test_a_clients_pairs_are_encoded_when_first_used_as_from_the_whole_split(lm_
         )
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_beam_search_through_adapters_equals_exported_peft_adapter(kind, tmp_path):
-    """A PF2LoRA client's model (common + personal adapters, random non-zero factors) generates the
-    same tokens through TwoLevelModel.generate as the stock PEFT adapter it exports."""
-    from peft import PeftModel
-
-    from pf2lora.adapters.export import PeftExporter
+def _client_lm(kind: str, inputs: int):
+    """A PF2LoRA client's tiny causal LM (common + personal adapters, random non-zero factors, beam
+    width 3, 6 new tokens) and ``inputs`` E2E inputs: tokenizer, targets, model, params, data."""
     from pf2lora.adapters.two_level import TwoLevelModel
 
     tokenizer = word_tokenizer(_corpus())
@@ -401,9 +397,21 @@ def test_beam_search_through_adapters_equals_exported_peft_adapter(kind, tmp_pat
     params = {**model.initial_common(), **model.initial_personal(g)}
     params = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in params.items()}
     frame = gen_data._grouped(gen_data.read_e2e_csv_frame(pd.DataFrame(e2e_rows())))
-    data = encode(frame.iloc[:4], tokenizer, 64)
     model.train(False)
+    return tokenizer, targets, model, params, encode(frame.iloc[:inputs], tokenizer, 64)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_beam_search_through_adapters_equals_exported_peft_adapter(kind, tmp_path):
+    """A PF2LoRA client's model (common + personal adapters, random non-zero factors) generates the
+    same tokens through TwoLevelModel.generate as the stock PEFT adapter it exports."""
+    from peft import PeftModel
+
+    from pf2lora.adapters.export import PeftExporter
     from pf2lora.adapters.two_level import ModelAt
+
+    tokenizer, targets, model, params, data = _client_lm(kind, 4)
+    task = model.task
 
     ours = task.generate(
         ModelAt(None, lambda **kw: model.generate(params, **kw)), data, [0, 1, 2, 3], torch.device("cpu")
@@ -422,26 +430,10 @@ def test_beam_search_through_adapters_equals_exported_peft_adapter(kind, tmp_pat
 def test_evaluation_through_merged_weights_equals_the_adapters(kind, tmp_path):
     """A full-precision base evaluates with the adapters folded into its weights: the same
     generations and metrics as through the adapters, in token-sized batches of any size."""
-    from pf2lora.adapters.two_level import ModelAt, TwoLevelModel
+    from pf2lora.adapters.two_level import ModelAt
     from pf2lora.tasks.base import token_batches
 
-    tokenizer = word_tokenizer(_corpus())
-    targets = ["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"]
-    model = TwoLevelModel(
-        tiny_lm(kind, len(tokenizer)),
-        Generation(TaskConfig(name="generation", num_beams=3, max_new_tokens=6), tokenizer, 0),
-        targets,
-        4,
-        8,
-        personal_rank=2,
-        personal_lora_alpha=4,
-    )
-    g = torch.Generator().manual_seed(0)
-    params = {**model.initial_common(), **model.initial_personal(g)}
-    params = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in params.items()}
-    frame = gen_data._grouped(gen_data.read_e2e_csv_frame(pd.DataFrame(e2e_rows())))
-    data = encode(frame.iloc[:6], tokenizer, 64)
-    model.train(False)
+    tokenizer, _, model, params, data = _client_lm(kind, 6)
     adapters = ModelAt(partial(model.outputs, params), partial(model.generate, params))
     results = []
     for tokens in (10**6, 60):  # one batch, then batches of one or two inputs
