@@ -15,7 +15,6 @@ from pf2lora.config import ConfigError, TaskConfig, TrainConfig, load_config
 from pf2lora.precision import (
     FD_EPSILON,
     CastLinear,
-    base_dtype,
     fast_bf16,
     fd_epsilon,
     lower_precision,
@@ -51,7 +50,7 @@ def test_frozen_linear_layers_in_bf16_everything_trained_in_fp32() -> None:
     assert weights["base_model.model.bert.embeddings.word_embeddings.weight"].dtype == torch.float32
     assert all(weights[n].dtype == torch.float32 for n in weights if ".LayerNorm." in n)
     assert all(weights[n].dtype == torch.float32 for n in weights if "classifier" in n)  # the trained head
-    assert low.dtype == torch.bfloat16 and base_dtype(low.model) == torch.bfloat16
+    assert low.dtype == torch.bfloat16
     # the adapters' init is drawn in fp32 before the base is lowered: the same as the fp32 model's
     x_low, x_full = low.initial_common(), full.initial_common()
     assert all(t.dtype == torch.float32 for t in x_low.values())
@@ -149,11 +148,21 @@ def test_hypergradient_in_bf16_against_fp32_exact() -> None:
 
 
 def test_finite_difference_step_by_dtype() -> None:
-    assert fd_epsilon(None, _model("float32"), 5.0) == FD_EPSILON == 1e-3
-    assert fd_epsilon(None, _model("bfloat16"), 5.0) == pytest.approx(5e-2)  # a share of ||y||
-    assert fd_epsilon(None, _model("bfloat16"), 0.1) == pytest.approx(1e-2)  # at least 1e-2
-    assert fd_epsilon(5e-4, _model("bfloat16"), 5.0) == 5e-4  # a configured step is kept
-    assert fd_epsilon(None, object(), 5.0) == 1e-3  # a model without a dtype: fp32
+    point = {"C": torch.full((5, 5), 1.0, requires_grad=True)}  # norm 5; a leaf of a step's graph
+    small = {"C": torch.full((1,), 0.1)}
+    assert fd_epsilon(None, _model("float32"), point) == FD_EPSILON == 1e-3
+    assert fd_epsilon(None, _model("bfloat16"), point) == pytest.approx(5e-2)  # a share of ||y||
+    assert fd_epsilon(None, _model("bfloat16"), small) == pytest.approx(1e-2)  # at least 1e-2
+    assert fd_epsilon(5e-4, _model("bfloat16"), point) == 5e-4  # a configured step is kept
+    assert fd_epsilon(None, object(), point) == 1e-3  # a model without a dtype: fp32
+
+
+def test_pfedlora_refuses_a_low_precision_base() -> None:
+    from pf2lora.runner import prepare
+
+    cfg = load_config("configs/default.yaml", ["algorithms=[pfedlora]", "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="pfedlora's client models train whole in float32"):
+        prepare(cfg)
 
 
 def test_auto_dtype_follows_the_hardware() -> None:

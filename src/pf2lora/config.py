@@ -27,6 +27,7 @@ ENGINES = ("local", "flower")
 PARTITIONS = ("heterogeneity", "key", "dirichlet", "iid", "classes")
 TASKS = ("classification", "qa", "generation")  # one module each under pf2lora/tasks/
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # pf2lora/trackers.py; each an optional extra
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")  # model.dtype: pf2lora/precision.py
 
 
 class ConfigError(ValueError):
@@ -363,8 +364,8 @@ class ExperimentConfig:
             f"model.device must be auto, cpu, cuda or cuda:N, got {m.device!r}",
         )
         _check(
-            m.dtype in ("auto", "float32", "bfloat16", "float16"),
-            f"model.dtype must be auto, float32, bfloat16 or float16, got {m.dtype!r}",
+            m.dtype in MODEL_DTYPES,
+            f"model.dtype must be {', '.join(MODEL_DTYPES[:-1])} or {MODEL_DTYPES[-1]}, got {m.dtype!r}",
         )
         _check(m.dropout is None or 0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
         _check(d.num_clients >= 1, f"data.num_clients must be >= 1, got {d.num_clients}")

@@ -23,15 +23,16 @@ itself, like the loss, is computed in fp32.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from pf2lora.config import ConfigError
+from pf2lora.config import MODEL_DTYPES, ConfigError
+from pf2lora.utils import l2_norm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHOICES = ("auto", *DTYPES)
+assert set(MODEL_DTYPES) == {"auto", *DTYPES}
 
 
 def fast_bf16(device: torch.device | str) -> bool:
@@ -52,7 +53,7 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if fast_bf16(device) else torch.float32
     if name not in DTYPES:
-        raise ConfigError(f"model.dtype must be one of {', '.join(CHOICES)}, not {name!r}")
+        raise ConfigError(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, not {name!r}")
     return DTYPES[name]
 
 
@@ -68,13 +69,15 @@ FD_EPSILON = 1e-3
 FD_RELATIVE = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
 
-def fd_epsilon(configured: float | None, model: object, point_norm: float) -> float:
+def fd_epsilon(configured: float | None, model: object, point: Mapping[str, Tensor]) -> float:
     """``train.fd_epsilon``, or where it is None the step for the dtype ``model`` computes in
-    (``point_norm``: the norm of the tensors the difference perturbs)."""
+    (``point``: the tensors the difference perturbs; their norm is taken only for a relative step)."""
     if configured is not None:
         return configured
     relative = FD_RELATIVE.get(getattr(model, "dtype", torch.float32))
-    return FD_EPSILON if relative is None else relative * max(float(point_norm), 1.0)
+    if relative is None:
+        return FD_EPSILON
+    return relative * max(l2_norm({k: t.detach() for k, t in point.items()}), 1.0)
 
 
 class _Cast:
@@ -130,7 +133,7 @@ def lower_precision(model: nn.Module, dtype: torch.dtype, keep: Iterable[str] = 
     if dtype == torch.float32:
         return 0
     keep = tuple(keep)
-    converted, lowered = 0, {}
+    lowered: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         parts = name.split(".")
         if any(name == k or name.startswith(k + ".") for k in keep) or any(p.startswith("lora_") for p in parts):
@@ -145,7 +148,6 @@ def lower_precision(model: nn.Module, dtype: torch.dtype, keep: Iterable[str] = 
                 setattr(module, attr, nn.Parameter(tensor.detach().to(dtype), requires_grad=False))
         module.__class__ = cls
         module.output_dtype = stream
-        converted += 1
         lowered[name] = module
     for name, module in lowered.items():  # an MLP's first half feeds its second in the low dtype
         path = name.removesuffix(".base_layer")
@@ -155,14 +157,6 @@ def lower_precision(model: nn.Module, dtype: torch.dtype, keep: Iterable[str] = 
                 if block + second in lowered or block + second + ".base_layer" in lowered:
                     module.output_dtype = None
     config = getattr(model, "config", None)
-    if converted and config is not None and getattr(config, "tie_word_embeddings", False):
+    if lowered and config is not None and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # transformers must not tie the fp32 embeddings back to it
-    return converted
-
-
-def base_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the frozen linear layers compute in (fp32 when none was lowered)."""
-    for module in model.modules():
-        if isinstance(module, _Cast):
-            return module.weight.dtype
-    return torch.float32
+    return len(lowered)

@@ -246,8 +246,11 @@ class TwoLevelModel:
 
     def outputs(self, params: Params, batch: Batch) -> Any:
         """The model's output (logits, start/end logits, ...) at ``params`` for ``batch``."""
-        inputs = self.task.model_inputs(batch)
-        return functional_call(self.model, self.peft_params(params), args=(), kwargs=inputs, strict=False)
+        return self._outputs_at(self.peft_params(params), batch)
+
+    def _outputs_at(self, tensors: Params, batch: Batch) -> Any:
+        """The module's output for ``batch`` with ``tensors`` (the module's own names) swapped in."""
+        return functional_call(self.model, tensors, args=(), kwargs=self.task.model_inputs(batch), strict=False)
 
     def loss(self, params: Params, batch: Batch, reduction: str = "mean") -> Tensor:
         return self.task.loss(self.outputs(params, batch), batch, reduction)
@@ -293,8 +296,12 @@ class TwoLevelModel:
     def generate(self, params: Params, **kwargs: Any) -> Tensor:
         """``generate(**kwargs)`` of the underlying transformers model (beam search, the KV cache)
         with its adapters at ``params``: the module's tensors are swapped for the call only."""
-        peft = {f"model.{n}": t for n, t in self.peft_params(params).items()}
-        return functional_call(_Generate(self.model), peft, args=(), kwargs=kwargs, strict=False)
+        return self._generate_at(self.peft_params(params), **kwargs)
+
+    def _generate_at(self, tensors: Params, **kwargs: Any) -> Tensor:
+        """``generate(**kwargs)`` with ``tensors`` (the module's own names) swapped in for the call."""
+        tensors = {f"model.{n}": t for n, t in tensors.items()}
+        return functional_call(_Generate(self.model), tensors, args=(), kwargs=kwargs, strict=False)
 
     def merged_params(self, params: Params) -> Params:
         """The module's tensors with the client's adapters folded into the frozen weights
@@ -316,21 +323,13 @@ class TwoLevelModel:
         With a full-precision base the adapters are folded into the frozen weights once, so each
         forward pass (each generated token) runs the plain model, without the adapters' products;
         a bf16 weight would round most of a LoRA update away, so a low-precision base keeps them."""
-        if self.dtype not in (torch.float32, torch.float64):
-            model = ModelAt(partial(self.outputs, params), partial(self.generate, params))
+        if self.dtype in (torch.float32, torch.float64):
+            tensors, adapters = self.merged_params(params), self.model.disable_adapter()
+        else:
+            tensors, adapters = self.peft_params(params), contextlib.nullcontext()
+        with adapters:
+            model = ModelAt(partial(self._outputs_at, tensors), partial(self._generate_at, tensors))
             return self.task.evaluate(model, data, batch_size, self.device, record)
-        merged = self.merged_params(params)
-        with self.model.disable_adapter():
-            model = ModelAt(partial(self._plain_outputs, merged), partial(self._plain_generate, merged))
-            return self.task.evaluate(model, data, batch_size, self.device, record)
-
-    def _plain_outputs(self, merged: Params, batch: Batch) -> Any:
-        inputs = self.task.model_inputs(batch)
-        return functional_call(self.model, merged, args=(), kwargs=inputs, strict=False)
-
-    def _plain_generate(self, merged: Params, **kwargs: Any) -> Tensor:
-        tensors = {f"model.{n}": t for n, t in merged.items()}
-        return functional_call(_Generate(self.model), tensors, args=(), kwargs=kwargs, strict=False)
 
 
 class _Generate(nn.Module):

@@ -83,7 +83,7 @@ class PerFedAvgClient(LoRAClient):
         norm = l2_norm(v)
         if norm == 0:
             return {k: torch.zeros_like(x[k]) for k in names}
-        eps = fd_epsilon(self.cfg.fd_epsilon, self.model, l2_norm(x)) / norm
+        eps = fd_epsilon(self.cfg.fd_epsilon, self.model, x) / norm
         device = self.model.device
         rng, masks = rng_state(device), DropoutMasks()
         out = []

@@ -137,7 +137,7 @@ class PF2LoRAClient(LoRAClient):
         norm = l2_norm(v)
         if norm == 0:
             return {k: torch.zeros_like(t) for k, t in x.items()}
-        eps = fd_epsilon(self.cfg.fd_epsilon, self.model, l2_norm(y)) / norm
+        eps = fd_epsilon(self.cfg.fd_epsilon, self.model, y) / norm
         xs = list(x)
         device = self.model.device
         with fork_rng(device):
