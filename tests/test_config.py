@@ -55,6 +55,9 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         ("train.compression=zip", "train.compression must be none, fp16 or bf16"),
         ("train.client_state=cloud", "train.client_state must be memory or disk"),
         ("model.device=tpu", "model.device must be auto, cpu, cuda or cuda:N"),
+        ("model.dtype=half", "model.dtype must be auto, float32, bfloat16 or float16"),
+        ("task.eval_tokens=0", "task.eval_tokens must be >= 1"),
+        ("train.fd_epsilon=0", "train.fd_epsilon must be > 0"),
     ],
 )
 def test_bad_values_give_one_line_errors(override: str, message: str) -> None:
